@@ -1,0 +1,45 @@
+"""Developer tasks. `nox` alone runs the test suite, as CI does."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite, end-to-end tests included, with branch coverage."""
+    session.install(".", *nox.project.dependency_groups(PYPROJECT, "tests"))
+    session.run("coverage", "erase")
+    try:
+        session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    finally:
+        session.run("coverage", "combine", success_codes=[0, 1])
+        session.run("coverage", "report", success_codes=[0, 1, 2])
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """mypy, strict, over the sources and the tests."""
+    session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typing"))
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks in benchmarks/, figures for docs/BENCHMARKS.md."""
+    session.install(".")
+    session.run("python", "benchmarks/run.py", *session.posargs)

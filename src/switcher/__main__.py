@@ -1,0 +1,5 @@
+import sys
+
+from switcher.cli import main
+
+sys.exit(main())

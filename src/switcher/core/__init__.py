@@ -1,0 +1,44 @@
+"""The domain: agent framing, discovery, the registry, the prober and the proxy."""
+
+from switcher.core._discovery import Candidate, Layout, ScanSettings, host_hash, scan
+from switcher.core._peer import PeerCredentials, open_backend, peer_credentials
+from switcher.core._prober import Prober, RefreshReport, probe, scan_settings
+from switcher.core._protocol import (
+    MAX_MESSAGE_LEN,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    MessageType,
+    encode,
+)
+from switcher.core._proxy import ProxyServer, relay_connection, serve_agent_proxy
+from switcher.core._registry import Backend, Health, ProbeResult, Registry, Snapshot
+
+__all__ = [
+    "MAX_MESSAGE_LEN",
+    "Backend",
+    "Candidate",
+    "Frame",
+    "FrameDecoder",
+    "FrameError",
+    "Health",
+    "Layout",
+    "MessageType",
+    "PeerCredentials",
+    "ProbeResult",
+    "Prober",
+    "ProxyServer",
+    "RefreshReport",
+    "Registry",
+    "ScanSettings",
+    "Snapshot",
+    "encode",
+    "host_hash",
+    "open_backend",
+    "peer_credentials",
+    "probe",
+    "relay_connection",
+    "scan",
+    "scan_settings",
+    "serve_agent_proxy",
+]

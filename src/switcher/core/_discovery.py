@@ -1,0 +1,208 @@
+"""Finding the agent sockets that sshd forwarded for our live sessions.
+
+Pure file-system inspection, no I/O on the sockets themselves: whether a
+candidate is alive is the prober's business. Everything here uses ``lstat``
+and ``scandir`` without following symlinks, so a planted link can never
+lead us to somebody else's socket.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import socket
+import stat
+from collections.abc import Iterable
+
+import attrs
+
+# OpenSSH misc-agent.c: the host hash in 10.1+ socket names is the first 10
+# characters of SHA-512(gethostname()), each digest byte mapped onto this
+# alphabet by ``byte % 62``.
+_HOST_HASH_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_HOST_HASH_LEN = 10
+
+# Name shapes from OpenSSH: session.c (before 10.1) makes a mkdtemp
+# directory ``ssh-XXXXXXXXXX`` holding ``agent.<sshd pid>``; misc-agent.c
+# (10.1+) names sockets ``s.<hosthash>.<tag>.<random>`` in ~/.ssh/agent.
+_LEGACY_DIR_PREFIX = "ssh-"
+_LEGACY_SOCKET_PREFIX = "agent."
+_AGENT_DIR_PREFIX = "s."
+_FORWARDED_TAG = "sshd"
+
+
+class Layout(enum.Enum):
+    """Which OpenSSH naming scheme a candidate socket follows."""
+
+    TMP = "tmp"  # /tmp/ssh-*/agent.* (OpenSSH before 10.1)
+    AGENT_DIR = "agent-dir"  # ~/.ssh/agent/s.<hash>.sshd.* (OpenSSH 10.1 and later)
+
+
+def host_hash(hostname: str | bytes | None = None) -> str:
+    """The 10-character host tag OpenSSH 10.1+ puts in agent socket names."""
+    if hostname is None:
+        hostname = socket.gethostname()
+    if isinstance(hostname, str):
+        hostname = hostname.encode()
+    digest = hashlib.sha512(hostname).digest()
+    return "".join(_HOST_HASH_ALPHABET[b % len(_HOST_HASH_ALPHABET)] for b in digest[:_HOST_HASH_LEN])
+
+
+@attrs.frozen
+class Candidate:
+    """A socket that looks like a forwarded agent of ours."""
+
+    path: str
+    layout: Layout
+    dev: int
+    ino: int
+    ctime: float  # when the socket was made: the session's age, for ranking
+
+
+@attrs.frozen
+class Skipped:
+    path: str
+    reason: str
+
+
+@attrs.frozen
+class ScanResult:
+    candidates: tuple[Candidate, ...]
+    # Only entries that looked like agent sockets are listed; unrelated files
+    # in a shared /tmp are not even stat'ed.
+    skipped: tuple[Skipped, ...]
+    # Directories we looked into, with their mtimes: a cheap way to notice
+    # that something was added or removed without rescanning (see the prober).
+    watched: tuple[tuple[str, int], ...]
+    errors: tuple[Skipped, ...]
+
+
+@attrs.frozen
+class ScanSettings:
+    agents_dirs: tuple[str, ...]
+    uid: int
+    host_hash: str
+    # (st_dev, st_ino) of our own listening sockets: never relay to ourselves.
+    exclude: frozenset[tuple[int, int]] = frozenset()
+
+
+def _socket_problem(st: os.stat_result, settings: ScanSettings) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "not a socket"
+    if st.st_uid != settings.uid:
+        return f"owned by uid {st.st_uid}"
+    if (st.st_dev, st.st_ino) in settings.exclude:
+        return "our own socket"
+    return None
+
+
+def _dir_problem(st: os.stat_result, settings: ScanSettings) -> str | None:
+    if stat.S_ISLNK(st.st_mode):
+        return "symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != settings.uid:
+        return f"directory owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        # sshd's mkdtemp makes it 0700; a writable one could hold a planted socket.
+        return "directory writable by group or others"
+    return None
+
+
+class _Scan:
+    def __init__(self, settings: ScanSettings) -> None:
+        self.settings = settings
+        self.candidates: list[Candidate] = []
+        self.skipped: list[Skipped] = []
+        self.watched: list[tuple[str, int]] = []
+        self.errors: list[Skipped] = []
+        self.forwarded_prefix = f"{_AGENT_DIR_PREFIX}{settings.host_hash}.{_FORWARDED_TAG}."
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append(Skipped(path, reason))
+
+    def consider_socket(self, path: str, layout: Layout) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:  # vanished between listing and lstat
+            self.skip(path, exc.strerror or "lstat failed")
+            return
+        problem = _socket_problem(st, self.settings)
+        if problem is not None:
+            self.skip(path, problem)
+            return
+        self.candidates.append(Candidate(path, layout, st.st_dev, st.st_ino, st.st_ctime))
+
+    def scan_legacy_dir(self, path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            self.skip(path, exc.strerror or "lstat failed")
+            return
+        problem = _dir_problem(st, self.settings)
+        if problem is not None:
+            self.skip(path, problem)
+            return
+        self.watched.append((path, st.st_mtime_ns))
+        try:
+            with os.scandir(path) as entries:
+                names = [e.name for e in entries if e.name.startswith(_LEGACY_SOCKET_PREFIX)]
+        except OSError as exc:
+            self.errors.append(Skipped(path, exc.strerror or "cannot list"))
+            return
+        for name in sorted(names):
+            self.consider_socket(os.path.join(path, name), Layout.TMP)
+
+    def scan_agents_dir(self, top: str) -> None:
+        try:
+            st = os.stat(top)  # the configured dir itself may be a symlink (e.g. /tmp on some hosts)
+            self.watched.append((top, st.st_mtime_ns))
+            with os.scandir(top) as entries:
+                names = [e.name for e in entries]
+        except FileNotFoundError:
+            return  # ~/.ssh/agent does not exist until OpenSSH 10.1 makes it
+        except OSError as exc:
+            self.errors.append(Skipped(top, exc.strerror or "cannot list"))
+            return
+        for name in sorted(names):
+            if name.startswith(_LEGACY_DIR_PREFIX):
+                self.scan_legacy_dir(os.path.join(top, name))
+            elif name.startswith(_AGENT_DIR_PREFIX):
+                path = os.path.join(top, name)
+                if name.startswith(self.forwarded_prefix):
+                    self.consider_socket(path, Layout.AGENT_DIR)
+                elif f".{_FORWARDED_TAG}." in name:
+                    self.skip(path, "forwarded for a different host")
+                else:
+                    self.skip(path, "not a forwarded agent")
+
+
+def scan(settings: ScanSettings) -> ScanResult:
+    """Look through the agents dirs once and list the forwarded agents found."""
+    state = _Scan(settings)
+    seen: set[str] = set()
+    for top in settings.agents_dirs:
+        if top in seen:
+            continue
+        seen.add(top)
+        state.scan_agents_dir(top)
+    return ScanResult(
+        candidates=tuple(state.candidates),
+        skipped=tuple(state.skipped),
+        watched=tuple(state.watched),
+        errors=tuple(state.errors),
+    )
+
+
+def watched_changed(watched: Iterable[tuple[str, int]]) -> bool:
+    """Whether any directory a scan looked into has changed since (or vanished)."""
+    for path, mtime_ns in watched:
+        try:
+            if os.stat(path).st_mtime_ns != mtime_ns:
+                return True
+        except OSError:
+            return True
+    return False

@@ -1,0 +1,76 @@
+"""Who is on the other end of a Unix socket, and opening backend connections."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import attrs
+import trio
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# A backend whose listen backlog is full is wedged; waiting longer than this
+# for connect() only delays failover to a working one.
+CONNECT_TIMEOUT = 2.0
+
+
+@attrs.frozen
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> PeerCredentials:
+    """The connecting process's credentials, from the kernel (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return PeerCredentials(*_UCRED.unpack(raw))
+
+
+def uid_allowed(uid: int, own_uid: int) -> bool:
+    """ssh-agent's rule: only its own user and root may talk to it."""
+    return uid in (0, own_uid)
+
+
+class BackendUnavailableError(Exception):
+    """A backend could not be used; the message is a short reason for logs and ``ctl list``."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A short, stable reason for an OS error, e.g. ``connection refused``."""
+    if exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    return type(exc).__name__
+
+
+async def open_backend(path: str) -> trio.SocketStream:
+    """Connect to a backend agent socket and make sure it is not an impostor.
+
+    The listener must belong to our user (or root), and must not be this
+    very process: relaying to ourselves would loop forever.
+    """
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(CONNECT_TIMEOUT) as scope:
+            await sock.connect(path)
+        if scope.cancelled_caught:
+            raise BackendUnavailableError("connect timed out")
+        peer = peer_credentials(sock)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.ENOENT:
+            raise BackendUnavailableError("socket vanished") from None
+        raise BackendUnavailableError(describe_os_error(exc)) from None
+    except BaseException:
+        sock.close()
+        raise
+    if not uid_allowed(peer.uid, os.getuid()):
+        sock.close()
+        raise BackendUnavailableError(f"listener belongs to uid {peer.uid}")
+    if peer.pid == os.getpid():
+        sock.close()
+        raise BackendUnavailableError("listener is switcher itself")
+    return trio.SocketStream(sock)

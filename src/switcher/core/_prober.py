@@ -1,0 +1,237 @@
+"""Discovery and health probing: keep the registry true to what is out there.
+
+Three loops share one nursery:
+
+* the periodic cycle rescans the agents dirs and probes every candidate
+  with a real REQUEST_IDENTITIES every ``interval`` seconds (time spent in a
+  cycle counts against the period; an overrun starts the next at once);
+* the watcher notices, within a fraction of a second, that a directory it
+  scanned has changed, and rescans; new candidates are probed at once,
+  which is how a new session gets preferred quickly without inotify;
+* the proxy can ask for a rescan when it runs out of backends (a "miss").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import attrs
+import structlog
+import trio
+
+from switcher.core._discovery import ScanResult, ScanSettings, host_hash, scan, watched_changed
+from switcher.core._peer import BackendUnavailableError, describe_os_error, open_backend
+from switcher.core._protocol import (
+    REQUEST_IDENTITIES_FRAME,
+    FrameDecoder,
+    FrameError,
+    MessageType,
+    identities_count,
+    type_name,
+)
+from switcher.core._registry import (
+    Backend,
+    Health,
+    HealthChange,
+    ProbeResult,
+    Reconciled,
+    Registry,
+)
+
+log = structlog.get_logger()
+
+# How often the watcher compares directory mtimes. Four stat() calls a
+# second on a handful of directories is nothing, and it bounds how long a
+# new session waits to be noticed well under the one-second promise.
+WATCH_INTERVAL = 0.25
+
+# A probe that gets no answer in this time marks its backend slow, not
+# dead: ssh-agent is single-threaded, so a confirmation prompt or a
+# hardware-key touch on another connection stalls our probe too.
+DEFAULT_PROBE_TIMEOUT = 2.0
+DEFAULT_PROBE_INTERVAL = 5.0
+
+
+async def probe(path: str) -> ProbeResult:
+    """Ask a backend for its identities; unbounded, the caller sets the timeout."""
+    started = time.perf_counter()
+    try:
+        stream = await open_backend(path)
+    except BackendUnavailableError as exc:
+        return ProbeResult(Health.DEAD, error=str(exc))
+    async with stream:
+        try:
+            await stream.send_all(REQUEST_IDENTITIES_FRAME)
+            decoder = FrameDecoder()
+            while (frame := decoder.next_frame()) is None:
+                data = await stream.receive_some(64 * 1024)
+                if not data:
+                    return ProbeResult(Health.DEAD, error="closed without answering")
+                decoder.feed(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__
+            reason = describe_os_error(cause) if isinstance(cause, OSError) else "connection lost"
+            return ProbeResult(Health.DEAD, error=reason)
+        except FrameError as exc:
+            return ProbeResult(Health.DEAD, error=f"bad reply: {exc}")
+    if frame.type != MessageType.IDENTITIES_ANSWER:
+        return ProbeResult(Health.DEAD, error=f"unexpected reply {type_name(frame.type)}")
+    try:
+        keys = identities_count(frame)
+    except FrameError as exc:
+        return ProbeResult(Health.DEAD, error=f"bad reply: {exc}")
+    return ProbeResult(Health.HEALTHY, latency=time.perf_counter() - started, key_count=keys)
+
+
+@attrs.frozen
+class RefreshReport:
+    """What one rescan-and-probe changed."""
+
+    added: tuple[Backend, ...]
+    removed: tuple[Backend, ...]
+    health_changes: tuple[HealthChange, ...]
+
+
+@attrs.define(eq=False)
+class Prober:
+    registry: Registry
+    settings: ScanSettings
+    interval: float = DEFAULT_PROBE_INTERVAL
+    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    _watched: tuple[tuple[str, int], ...] = ()
+    _reported_skips: frozenset[str] = frozenset()
+    _reported_errors: frozenset[str] = frozenset()
+    _nursery: trio.Nursery | None = None
+
+    # -- scanning ----------------------------------------------------------
+
+    async def _scan_and_reconcile(self) -> Reconciled:
+        # In a thread: a crowded /tmp or an NFS home must not stall the relay.
+        result = await trio.to_thread.run_sync(scan, self.settings)
+        self._log_scan(result)
+        reconciled = self.registry.reconcile(result.candidates)
+        for backend in reconciled.added:
+            log.info(
+                "switcher.registry.backend_added",
+                backend=backend.id,
+                path=backend.path,
+                layout=backend.layout.value,
+            )
+        for backend in reconciled.removed:
+            log.info("switcher.registry.backend_removed", backend=backend.id, path=backend.path)
+        return reconciled
+
+    async def rescan(self) -> RefreshReport:
+        """Scan the dirs now, update the registry, and probe (and wait for) what is new."""
+        reconciled = await self._scan_and_reconcile()
+        changes = await self._probe_all(reconciled.added) if reconciled.added else []
+        return RefreshReport(reconciled.added, reconciled.removed, tuple(changes))
+
+    async def rescan_for_miss(self) -> None:
+        """The proxy's hook when it runs out of backends: return as soon as the
+        registry holds what is there now; new candidates are probed in the
+        background (the proxy can try an unknown backend directly).
+        """
+        reconciled = await self._scan_and_reconcile()
+        if reconciled.added and self._nursery is not None:
+            self._nursery.start_soon(self._probe_all, reconciled.added)
+
+    async def refresh(self) -> RefreshReport:
+        """Rescan and probe every backend now; wait for it all."""
+        report = await self.rescan()
+        already = {b.id for b in report.added}
+        rest = [b for b in self.registry.snapshot().backends if b.id not in already]
+        changes = list(report.health_changes) + await self._probe_all(rest)
+        return attrs.evolve(report, health_changes=tuple(changes))
+
+    def _log_scan(self, result: ScanResult) -> None:
+        self._watched = result.watched
+        # Skips are debug-only, and only when first seen: a shared /tmp must
+        # not produce a log line per entry per scan.
+        skipped = frozenset(s.path for s in result.skipped)
+        for item in result.skipped:
+            if item.path not in self._reported_skips:
+                log.debug("switcher.discovery.skipped", path=item.path, reason=item.reason)
+        self._reported_skips = skipped
+        errors = frozenset(e.path for e in result.errors)
+        for item in result.errors:
+            if item.path not in self._reported_errors:
+                log.warning("switcher.discovery.dir_unreadable", path=item.path, reason=item.reason)
+        self._reported_errors = errors
+
+    # -- probing -------------------------------------------------------------
+
+    async def _probe_all(self, backends: list[Backend] | tuple[Backend, ...]) -> list[HealthChange]:
+        """Probe concurrently: one slow backend never delays the others."""
+        changes: list[HealthChange] = []
+
+        async def one(backend: Backend) -> None:
+            change = await self._probe_one(backend)
+            if change is not None:
+                changes.append(change)
+
+        async with trio.open_nursery() as nursery:
+            for backend in backends:
+                nursery.start_soon(one, backend)
+        return changes
+
+    async def _probe_one(self, backend: Backend) -> HealthChange | None:
+        with trio.move_on_after(self.probe_timeout) as scope:
+            result = await probe(backend.path)
+        if scope.cancelled_caught:
+            result = ProbeResult(
+                Health.SLOW,
+                latency=self.probe_timeout,
+                error=f"no answer within {self.probe_timeout:g} s",
+            )
+        change = self.registry.record_probe(backend.id, result)
+        if change is not None:
+            log.info(
+                "switcher.prober.health_changed",
+                backend=backend.id,
+                path=backend.path,
+                previous=change.previous.value,
+                health=change.backend.health.value,
+                latency_ms=None if result.latency is None else round(result.latency * 1000, 3),
+                keys=result.key_count,
+                error=result.error if result.health is not Health.HEALTHY else None,
+            )
+        return change
+
+    # -- the service ---------------------------------------------------------
+
+    async def _periodic(self) -> None:
+        # serve() probed everything once already; from here on, every period.
+        deadline = trio.current_time() + self.interval
+        while True:
+            await trio.sleep_until(deadline)
+            deadline = trio.current_time() + self.interval
+            await self.refresh()
+
+    async def _watch(self) -> None:
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            if watched_changed(self._watched):
+                await self.rescan()
+
+    async def serve(self, *, task_status: trio.TaskStatus[Prober] = trio.TASK_STATUS_IGNORED) -> None:
+        """Scan once, report ready, then keep probing and watching until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            # Ready as soon as the registry holds what is there; probing the
+            # candidates must not delay the socket (a slow one takes seconds).
+            reconciled = await self._scan_and_reconcile()
+            nursery.start_soon(self._probe_all, reconciled.added)
+            task_status.started(self)
+            nursery.start_soon(self._periodic)
+            nursery.start_soon(self._watch)
+
+
+def scan_settings(
+    agents_dirs: tuple[str, ...], *, exclude: frozenset[tuple[int, int]] = frozenset()
+) -> ScanSettings:
+    """Discovery settings for this process: our uid and this host's hash."""
+    return ScanSettings(
+        agents_dirs=agents_dirs, uid=os.getuid(), host_hash=host_hash(), exclude=exclude
+    )

@@ -1,0 +1,474 @@
+"""The agent proxy: relay each client connection to the best live backend.
+
+One client connection gets exactly one upstream connection at a time, never
+shared or pooled: OpenSSH binds agent connections to sessions
+(``session-bind@openssh.com``), and a binding lives as long as its
+connection.
+
+Failover is allowed only while no reply byte has reached the client. Until
+then we keep every request the client sent; if the backend refuses,
+resets, closes or speaks garbage, we mark it dead and replay those requests,
+in order, to the next-ranked backend. Once a reply has been delivered, the
+conversation belongs to that backend, and losing it closes the client.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import attrs
+import structlog
+import trio
+
+from switcher.core._peer import (
+    BackendUnavailableError,
+    PeerCredentials,
+    describe_os_error,
+    open_backend,
+    peer_credentials,
+    uid_allowed,
+)
+from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
+from switcher.core._registry import Backend, Registry
+
+log = structlog.get_logger()
+
+# Reads are at most this big; a whole maximal message is 256 KiB + 4, so
+# typical messages (a few hundred bytes) arrive in one read.
+_RECEIVE_SIZE = 64 * 1024
+
+# Requests kept for replay before the first reply. Beyond this, a client is
+# pipelining far more than any OpenSSH client does; we stop keeping copies
+# (and so give up failover for that connection) rather than buffer without
+# bound.
+_REPLAY_LIMIT_BYTES = 1024 * 1024
+
+Connector = Callable[[Backend], Awaitable[trio.abc.Stream]]
+Rescan = Callable[[], Awaitable[None]]
+
+
+class _Lost(Exception):
+    """The current backend failed; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Finished(Exception):
+    """The conversation is over; ``outcome`` says how it ended."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """The state of one client connection through the proxy."""
+
+    client: trio.abc.Stream
+    registry: Registry
+    connect: Connector
+    rescan: Rescan
+    decoder: FrameDecoder = attrs.Factory(FrameDecoder)
+    # Requests not yet answered by the current backend, oldest first.
+    outstanding: collections.deque[int] = attrs.Factory(collections.deque)
+    # Every request since the start, while no reply has reached the client;
+    # None once one has (committed) or once it grew past the replay limit.
+    replay: list[Frame] | None = attrs.Factory(list)
+    replay_bytes: int = 0
+    committed: bool = False
+    client_eof: bool = False
+    all_answered: trio.Event = attrs.Factory(trio.Event)
+    backend: Backend | None = None
+    # What we log: counts and sizes only, never contents.
+    request_types: collections.Counter[str] = attrs.Factory(collections.Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    served: int = 0
+    answered_locally: int = 0
+    failovers: int = 0
+
+    def summary(self) -> dict[str, object]:
+        """The connection's canonical log fields: sizes and counts, never contents."""
+        return {
+            "backend": self.backend.id if self.backend is not None else None,
+            "requests": dict(self.request_types),
+            "replies": self.served,
+            "answered_locally": self.answered_locally,
+            "failovers": self.failovers,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+    async def run(self) -> str:
+        """Serve the client until it or the conversation ends; return the outcome."""
+        if not await self._read_first_request():
+            return "closed_idle"
+        tried: set[str] = set()
+        while True:
+            backend, upstream = await self._connect_best(tried)
+            if upstream is None:
+                await self._answer_locally()
+                tried.clear()
+                if not await self._read_first_request():
+                    return "no_backend"
+                continue
+            assert backend is not None
+            self.backend = backend
+            try:
+                return await self._relay(upstream)
+            except _Lost as lost:
+                # Nothing reached the client yet: it will never know.
+                self.registry.record_failure(backend.id, lost.reason)
+                self.registry.record_traffic(backend.id, served=0, failed=len(self.outstanding))
+                log.warning(
+                    "switcher.proxy.failover",
+                    backend=backend.id,
+                    reason=lost.reason,
+                    replayed=len(self.outstanding),
+                )
+                self.failovers += 1
+            finally:
+                with trio.CancelScope(shield=True):
+                    await upstream.aclose()
+
+    # -- the client side -------------------------------------------------
+
+    async def _next_client_frames(self) -> list[Frame] | None:
+        """Wait for at least one whole request; None when the client is done."""
+        while True:
+            frames: list[Frame] = []
+            try:
+                while (frame := self.decoder.next_frame()) is not None:
+                    frames.append(frame)
+            except FrameError as exc:
+                raise _Finished(f"bad request: {exc}") from None
+            if frames:
+                return frames
+            try:
+                data = await self.client.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _Finished("client_vanished") from None
+            if not data:
+                if self.decoder.buffered:
+                    raise _Finished("client_vanished_mid_request")
+                return None
+            self.bytes_in += len(data)
+            self.decoder.feed(data)
+
+    def _take_request(self, frame: Frame) -> None:
+        self.request_types[type_name(frame.type)] += 1
+        self.outstanding.append(frame.type)
+        if self.replay is not None:
+            self.replay_bytes += len(frame.raw)
+            if self.replay_bytes > _REPLAY_LIMIT_BYTES:
+                self.replay = None
+            else:
+                self.replay.append(frame)
+
+    async def _read_first_request(self) -> bool:
+        """Before there is a backend, wait for a request; False if the client left."""
+        frames = await self._next_client_frames()
+        if frames is None:
+            self.client_eof = True
+            return False
+        for frame in frames:
+            self._take_request(frame)
+        return True
+
+    async def _answer_locally(self) -> None:
+        """No backend at all: fail every waiting request at once, so clients don't hang."""
+        count = len(self.outstanding)
+        self.outstanding.clear()
+        self.answered_locally += count
+        if self.replay is not None:
+            self.replay.clear()
+            self.replay_bytes = 0
+        await self._send_client(FAILURE_FRAME * count)
+
+    async def _send_client(self, data: bytes) -> None:
+        try:
+            await self.client.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Finished("client_vanished") from None
+        self.bytes_out += len(data)
+
+    # -- choosing a backend ----------------------------------------------
+
+    async def _connect_best(self, tried: set[str]) -> tuple[Backend | None, trio.abc.Stream | None]:
+        """Connect to the best backend not tried yet; rescan once if we run out."""
+        rescanned = False
+        while True:
+            for backend in self.registry.snapshot().usable:
+                if backend.id in tried:
+                    continue
+                tried.add(backend.id)
+                try:
+                    return backend, await self.connect(backend)
+                except BackendUnavailableError as exc:
+                    self.registry.record_failure(backend.id, str(exc))
+                    log.warning(
+                        "switcher.proxy.backend_unavailable", backend=backend.id, reason=str(exc)
+                    )
+            if rescanned:
+                return None, None
+            # A miss: a session may have appeared since the last scan.
+            await self.rescan()
+            rescanned = True
+
+    # -- relaying ----------------------------------------------------------
+
+    async def _relay(self, upstream: trio.abc.Stream) -> str:
+        """Relay until the conversation ends (its outcome) or the backend is lost (_Lost)."""
+        if self.replay is None:
+            # Too much was pipelined to keep copies: the requests are gone.
+            raise _Finished("backend_lost")
+        self.outstanding = collections.deque(f.type for f in self.replay)
+        self.all_answered = trio.Event()
+        await self._send_upstream(upstream, b"".join(f.raw for f in self.replay))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_requests, upstream)
+                nursery.start_soon(self._pump_replies, upstream)
+        except BaseExceptionGroup as group:
+            finished, rest = group.split(_Finished)
+            lost, rest = rest.split(_Lost) if rest is not None else (None, None)
+            if rest is not None:
+                raise  # cancellation from outside, or a bug: not ours to hide
+            if finished is not None:
+                raise _single(finished, _Finished) from None
+            assert lost is not None
+            if self.committed or self.replay is None:
+                raise _Finished("backend_lost") from None
+            raise _single(lost, _Lost) from None
+        raise AssertionError("a relay task returned without an outcome")  # pragma: no cover
+
+    async def _send_upstream(self, upstream: trio.abc.Stream, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await upstream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _Lost(_reason(exc)) from None
+
+    async def _pump_requests(self, upstream: trio.abc.Stream) -> None:
+        while not self.client_eof:
+            frames = await self._next_client_frames()
+            if frames is None:
+                self.client_eof = True
+                break
+            for frame in frames:
+                self._take_request(frame)
+            await self._send_upstream(upstream, b"".join(f.raw for f in frames))
+        # The client half-closed. ssh-agent drops a half-closed client without
+        # answering, so the EOF is never passed on: we deliver every reply
+        # first, and only then close both sides.
+        while self.outstanding:
+            await self.all_answered.wait()
+        raise _Finished("ok")
+
+    async def _pump_replies(self, upstream: trio.abc.Stream) -> None:
+        decoder = FrameDecoder()
+        while True:
+            try:
+                data = await upstream.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Lost(_reason(exc)) from None
+            if not data:
+                raise _Lost("closed before answering" if self.outstanding else "closed")
+            decoder.feed(data)
+            replies: list[bytes] = []
+            try:
+                while (frame := decoder.next_frame()) is not None:
+                    replies.append(frame.raw)
+            except FrameError as exc:
+                raise _Lost(f"bad reply: {exc}") from None
+            if not replies:
+                continue
+            # Whole replies only: the client never sees half a message, and a
+            # reply cut off by a dying backend never commits us to it.
+            self.committed = True
+            self.replay = None
+            for _ in range(min(len(replies), len(self.outstanding))):
+                self.outstanding.popleft()
+            self.served += len(replies)
+            await self._send_client(b"".join(replies))
+            if not self.outstanding:
+                self.all_answered.set()
+                self.all_answered = trio.Event()
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _single(group: BaseExceptionGroup[BaseException], kind: type[_E]) -> _E:
+    """The first leaf of ``kind`` in a (possibly nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _single(exc, kind)
+        if isinstance(exc, kind):
+            return exc
+    raise AssertionError("empty exception group")  # pragma: no cover
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a broken stream: the OS error underneath, if there is one."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return describe_os_error(cause)
+    return "connection lost"
+
+
+async def relay_connection(
+    client: trio.abc.Stream,
+    *,
+    registry: Registry,
+    connect: Connector,
+    rescan: Rescan,
+    peer: PeerCredentials | None = None,
+) -> str:
+    """Serve one client connection to the end, log it once, return its outcome.
+
+    Expected failures (a client or backend that vanished, a malformed frame)
+    end only this connection. The stream is closed on return.
+    """
+    started = time.perf_counter()
+    connection = _Connection(client, registry, connect, rescan)
+    outcome = "error"
+    try:
+        outcome = await connection.run()
+    except _Finished as finished:
+        outcome = finished.outcome
+    finally:
+        if connection.backend is not None:
+            registry.record_traffic(
+                connection.backend.id,
+                served=connection.served,
+                failed=len(connection.outstanding) if outcome != "ok" else 0,
+            )
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        log.info(
+            "switcher.proxy.connection_closed",
+            client_pid=peer.pid if peer else None,
+            client_uid=peer.uid if peer else None,
+            outcome=outcome,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            **connection.summary(),
+        )
+    return outcome
+
+
+async def connect_unix(backend: Backend) -> trio.abc.Stream:
+    """The production connector: a fresh Unix connection with the peer checked."""
+    return await open_backend(backend.path)
+
+
+async def _handle_client(
+    client: trio.SocketStream, *, registry: Registry, connect: Connector, rescan: Rescan
+) -> None:
+    try:
+        peer = peer_credentials(client.socket)
+    except OSError:
+        await client.aclose()  # gone before we could look at it
+        return
+    if not uid_allowed(peer.uid, os.getuid()):
+        # ssh-agent's rule, kept even if someone loosens the socket's mode.
+        log.warning("switcher.proxy.peer_refused", client_pid=peer.pid, client_uid=peer.uid)
+        await client.aclose()
+        return
+    try:
+        await relay_connection(client, registry=registry, connect=connect, rescan=rescan, peer=peer)
+    except Exception:
+        # A bug in one connection must not take the daemon and every other
+        # client down with it; log it loudly and carry on.
+        log.exception("switcher.proxy.connection_crashed", client_pid=peer.pid)
+
+
+# When accept() fails for lack of descriptors, pause like sshd does rather
+# than spin on an error that will not clear until some connection closes.
+_ACCEPT_BACKOFF = 0.1
+_ACCEPT_BACKOFF_MAX = 1.0
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def _accept_loop(
+    listener: trio.SocketListener, handlers: trio.Nursery, handle: Callable[[trio.SocketStream], Awaitable[None]]
+) -> None:
+    backoff = _ACCEPT_BACKOFF
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _RESOURCE_ERRNOS:
+                raise
+            log.error("switcher.proxy.accept_failed", reason=describe_os_error(exc), pause_s=backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
+            continue
+        backoff = _ACCEPT_BACKOFF
+        handlers.start_soon(handle, stream)
+
+
+@attrs.define(eq=False)
+class ProxyServer:
+    """Handle on the running proxy service, for graceful shutdown."""
+
+    _stop: trio.Event = attrs.Factory(trio.Event)
+    _stopped: trio.Event = attrs.Factory(trio.Event)
+    _active: int = 0
+
+    def stop_accepting(self) -> None:
+        """Close the listener, then give open connections the grace period."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until every connection has finished or been cut after the grace."""
+        await self._stopped.wait()
+
+    @property
+    def active_connections(self) -> int:
+        return self._active
+
+
+async def serve_agent_proxy(
+    listener: trio.SocketListener,
+    *,
+    registry: Registry,
+    rescan: Rescan,
+    grace: float,
+    connect: Connector = connect_unix,
+    task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept agent clients until told to stop, then drain them for ``grace`` seconds.
+
+    Two nurseries, as in hypercorn: accepting stops first, so no new client
+    arrives while the ones in flight finish their current requests.
+    """
+    server = ProxyServer()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        server._active += 1  # noqa: SLF001
+        try:
+            await _handle_client(stream, registry=registry, connect=connect, rescan=rescan)
+        finally:
+            server._active -= 1  # noqa: SLF001
+
+    try:
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as acceptors:
+                acceptors.start_soon(_accept_loop, listener, handlers, handle)
+                task_status.started(server)
+                await server._stop.wait()  # noqa: SLF001
+                acceptors.cancel_scope.cancel()
+            await listener.aclose()
+            handlers.cancel_scope.deadline = trio.current_time() + grace
+    finally:
+        server._stopped.set()  # noqa: SLF001

@@ -1,0 +1,250 @@
+"""The one shared state: every candidate backend, its health, and the ranking.
+
+Mutations are plain synchronous methods with no ``await`` inside, so trio's
+cooperative scheduling makes each one atomic without locks. Readers take a
+frozen :class:`Snapshot`; waiting for change is :meth:`Registry.wait_changed`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+
+import attrs
+import trio
+
+from switcher.core._discovery import Candidate, Layout
+
+
+class Health(enum.Enum):
+    UNKNOWN = "unknown"  # found, not probed yet
+    HEALTHY = "healthy"  # answered a probe in time
+    SLOW = "slow"  # accepted but did not answer in time (touch or confirm prompt?)
+    DEAD = "dead"  # refused, reset, closed, or spoke garbage
+
+
+# Rank order between health states: usable first, most trustworthy first.
+_HEALTH_RANK = {Health.HEALTHY: 0, Health.SLOW: 1, Health.UNKNOWN: 2, Health.DEAD: 3}
+_PINNABLE = frozenset({Health.HEALTHY, Health.SLOW})
+
+
+def backend_id(path: str, dev: int, ino: int) -> str:
+    """A short id, stable for the life of one socket (and across daemon restarts)."""
+    return hashlib.blake2b(f"{path}\0{dev}:{ino}".encode(), digest_size=4).hexdigest()
+
+
+@attrs.frozen
+class Backend:
+    """Everything known about one candidate agent socket, at one moment."""
+
+    id: str
+    path: str
+    layout: Layout
+    dev: int
+    ino: int
+    appeared: float  # wall-clock seconds: the socket's ctime (the session's start)
+    health: Health = Health.UNKNOWN
+    last_probe: float | None = None
+    probe_latency: float | None = None
+    last_success: float | None = None
+    last_error: str | None = None
+    key_count: int | None = None
+    served: int = 0
+    failed: int = 0
+
+    @classmethod
+    def from_candidate(cls, candidate: Candidate) -> Backend:
+        return cls(
+            id=backend_id(candidate.path, candidate.dev, candidate.ino),
+            path=candidate.path,
+            layout=candidate.layout,
+            dev=candidate.dev,
+            ino=candidate.ino,
+            appeared=candidate.ctime,
+        )
+
+
+def rank_key(backend: Backend, pinned: str | None) -> tuple[int, int, float, float]:
+    """Sort key: a usable pin first, then by health, newest session, latest success."""
+    pin = 0 if backend.id == pinned and backend.health in _PINNABLE else 1
+    last_success = backend.last_success if backend.last_success is not None else float("-inf")
+    return (pin, _HEALTH_RANK[backend.health], -backend.appeared, -last_success)
+
+
+@attrs.frozen
+class Snapshot:
+    """The registry at one moment, backends in rank order."""
+
+    backends: tuple[Backend, ...]
+    pinned: str | None
+    version: int
+
+    @property
+    def usable(self) -> tuple[Backend, ...]:
+        """Backends a new connection may try, best first (everything not dead)."""
+        return tuple(b for b in self.backends if b.health is not Health.DEAD)
+
+    @property
+    def choice(self) -> Backend | None:
+        """The backend a new connection would use now."""
+        usable = self.usable
+        return usable[0] if usable else None
+
+    def find(self, backend_id: str) -> Backend | None:
+        for backend in self.backends:
+            if backend.id == backend_id:
+                return backend
+        return None
+
+
+@attrs.frozen
+class Reconciled:
+    added: tuple[Backend, ...]
+    removed: tuple[Backend, ...]
+
+
+@attrs.frozen
+class HealthChange:
+    backend: Backend  # after the change
+    previous: Health
+
+
+@attrs.frozen
+class ProbeResult:
+    health: Health
+    latency: float | None = None
+    key_count: int | None = None
+    error: str | None = None
+
+
+class Registry:
+    """Candidate backends keyed by path, shared by the proxy, prober and control."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._backends: dict[str, Backend] = {}
+        self._pinned: str | None = None
+        self._version = 0
+        self._changed = trio.Event()
+        self._ranked: tuple[Backend, ...] | None = None
+
+    # -- reading ---------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        if self._ranked is None:
+            self._ranked = tuple(
+                sorted(self._backends.values(), key=lambda b: rank_key(b, self._pinned))
+            )
+        return Snapshot(self._ranked, self._pinned, self._version)
+
+    def get(self, backend_id: str) -> Backend | None:
+        for backend in self._backends.values():
+            if backend.id == backend_id:
+                return backend
+        return None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def wait_changed(self, since: int) -> int:
+        """Wait until the registry's version differs from ``since``; return the new one."""
+        while self._version == since:
+            await self._changed.wait()
+        return self._version
+
+    # -- mutating (synchronous: atomic under trio) -----------------------
+
+    def _touch(self) -> None:
+        self._version += 1
+        self._ranked = None
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def reconcile(self, candidates: Iterable[Candidate]) -> Reconciled:
+        """Make the registry hold exactly these candidates, keeping known state.
+
+        A path whose inode changed is a different socket (a new session that
+        reused the name): the old entry goes, a fresh one comes.
+        """
+        fresh = {c.path: c for c in candidates}
+        removed = [
+            b
+            for path, b in self._backends.items()
+            if path not in fresh or (fresh[path].dev, fresh[path].ino) != (b.dev, b.ino)
+        ]
+        for backend in removed:
+            del self._backends[backend.path]
+            if backend.id == self._pinned:
+                self._pinned = None  # the pin ends when its session goes
+        added = []
+        for path, candidate in fresh.items():
+            if path not in self._backends:
+                backend = Backend.from_candidate(candidate)
+                self._backends[path] = backend
+                added.append(backend)
+        if added or removed:
+            self._touch()
+        return Reconciled(tuple(added), tuple(removed))
+
+    def _replace(self, new: Backend) -> None:
+        self._backends[new.path] = new
+        self._touch()
+
+    def record_probe(self, backend_id: str, result: ProbeResult) -> HealthChange | None:
+        """Store a probe's outcome; return the health change, if any."""
+        backend = self.get(backend_id)
+        if backend is None:
+            return None  # its socket vanished while the probe ran
+        now = self._clock()
+        healthy = result.health is Health.HEALTHY
+        new = attrs.evolve(
+            backend,
+            health=result.health,
+            last_probe=now,
+            probe_latency=result.latency,
+            last_success=now if healthy else backend.last_success,
+            last_error=result.error if result.error is not None else backend.last_error,
+            key_count=result.key_count if result.key_count is not None else backend.key_count,
+        )
+        self._replace(new)
+        if new.health is backend.health:
+            return None
+        return HealthChange(new, backend.health)
+
+    def record_traffic(self, backend_id: str, *, served: int, failed: int) -> None:
+        """Count requests a connection relayed; any answer is a success."""
+        backend = self.get(backend_id)
+        if backend is None or (served == 0 and failed == 0):
+            return
+        self._replace(
+            attrs.evolve(
+                backend,
+                served=backend.served + served,
+                failed=backend.failed + failed,
+                last_success=self._clock() if served else backend.last_success,
+            )
+        )
+
+    def record_failure(self, backend_id: str, error: str) -> HealthChange | None:
+        """The proxy could not use this backend: rank it last until a probe says otherwise."""
+        backend = self.get(backend_id)
+        if backend is None:
+            return None
+        new = attrs.evolve(
+            backend, health=Health.DEAD, last_error=error, failed=backend.failed + 1
+        )
+        self._replace(new)
+        if backend.health is Health.DEAD:
+            return None
+        return HealthChange(new, backend.health)
+
+    def pin(self, backend_id: str | None) -> None:
+        """Prefer one backend while it is usable; ``None`` clears the pin."""
+        if backend_id is not None and self.get(backend_id) is None:
+            raise KeyError(backend_id)
+        if backend_id != self._pinned:
+            self._pinned = backend_id
+            self._touch()

@@ -1,0 +1,129 @@
+"""The daemon: one tree of nurseries around one registry.
+
+The root nursery starts each service with ``await nursery.start(...)``, so
+"ready" means every service really is: the prober has scanned once, the
+proxy accepts. Shutdown runs the other way: stop accepting, let open
+connections finish for a short grace, cancel the rest, remove the socket.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+from pathlib import Path
+
+import attrs
+import structlog
+import trio
+
+from switcher import paths
+from switcher.config import Config
+from switcher.core import Prober, Registry, scan_settings, serve_agent_proxy
+
+log = structlog.get_logger()
+
+# Connections the kernel queues before we accept them. Logins come in
+# bursts (a git operation can open dozens of agent connections), and
+# queued clients cost us nothing.
+_LISTEN_BACKLOG = 512
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+
+@attrs.define(eq=False)
+class OwnedSocket:
+    """A listening socket at a path we claimed, and the lock that guards it."""
+
+    path: Path
+    sock: socket.socket
+    lock_fd: int
+    dev: int
+    ino: int
+
+    @classmethod
+    def claim(cls, path: Path) -> OwnedSocket:
+        """Take the lock, clear a stale socket, bind; or raise with the reason we cannot."""
+        paths.prepare_socket_dir(path, default_dir=paths.runtime_dir())
+        lock_fd = paths.lock_for(path)
+        try:
+            paths.claim_socket_path(path)
+            sock = paths.bind_private_socket(path, _LISTEN_BACKLOG)
+            st = path.lstat()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, sock, lock_fd, st.st_dev, st.st_ino)
+
+    def release(self) -> None:
+        """Close, and unlink the socket only if the path still holds our inode."""
+        self.sock.close()
+        try:
+            st = self.path.lstat()
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self.lock_fd)
+
+
+async def run_daemon(
+    config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until SIGINT, SIGTERM or SIGQUIT; SIGHUP never stops us."""
+    owned = OwnedSocket.claim(config.socket_path)
+    try:
+        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
+            await _serve(config, owned, signals, task_status)
+    finally:
+        owned.release()
+        log.info("switcher.daemon.stopped", socket=str(config.socket_path))
+
+
+async def _serve(
+    config: Config,
+    owned: OwnedSocket,
+    signals: trio.abc.ReceiveChannel[int] | object,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    registry = Registry()
+    prober = Prober(
+        registry,
+        scan_settings(config.agents_dirs, exclude=frozenset({(owned.dev, owned.ino)})),
+        interval=config.probe_interval,
+        probe_timeout=config.probe_timeout,
+    )
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(owned.sock))
+    async with trio.open_nursery() as root:
+        await root.start(prober.serve)
+        proxy = await root.start(
+            functools.partial(
+                serve_agent_proxy,
+                listener,
+                registry=registry,
+                rescan=prober.rescan_for_miss,
+                grace=config.grace,
+            )
+        )
+        # The control server (its own issue) joins here, sharing `registry`.
+        log.info(
+            "switcher.daemon.started",
+            pid=os.getpid(),
+            socket=str(config.socket_path),
+            agents_dirs=list(config.agents_dirs),
+            backends=len(registry.snapshot().backends),
+        )
+        task_status.started()
+        async for signum in signals:  # type: ignore[attr-defined]
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("switcher.daemon.sighup")
+                continue
+            log.info(
+                "switcher.daemon.stopping", signal=name, open_connections=proxy.active_connections
+            )
+            break
+        proxy.stop_accepting()
+        await proxy.wait_stopped()
+        root.cancel_scope.cancel()
