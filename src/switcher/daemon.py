@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
@@ -20,7 +21,14 @@ import trio
 
 from switcher import paths
 from switcher.config import Config
-from switcher.core import Prober, Registry, scan_settings, serve_agent_proxy
+from switcher.core import (
+    Prober,
+    ProxyServer,
+    Registry,
+    scan_settings,
+    serve_agent_proxy,
+    unix_connector,
+)
 
 log = structlog.get_logger()
 
@@ -30,6 +38,16 @@ log = structlog.get_logger()
 _LISTEN_BACKLOG = 512
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+
+@attrs.frozen
+class DaemonHandle:
+    """What a running daemon shares with whoever started it (tests, the control server)."""
+
+    registry: Registry
+    prober: Prober
+    proxy: ProxyServer
+    socket_path: Path
 
 
 @attrs.define(eq=False)
@@ -69,13 +87,21 @@ class OwnedSocket:
 
 
 async def run_daemon(
-    config: Config, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    refuse_own_pid: bool = True,
+    task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT, SIGTERM or SIGQUIT; SIGHUP never stops us."""
+    """Serve until SIGINT, SIGTERM or SIGQUIT; SIGHUP never stops us.
+
+    ``refuse_own_pid`` guards against relaying to ourselves; only tests that
+    serve fake agents inside this very process turn it off.
+    """
     owned = OwnedSocket.claim(config.socket_path)
+    refuse_pid = os.getpid() if refuse_own_pid else None
     try:
         with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
-            await _serve(config, owned, signals, task_status)
+            await _serve(config, owned, signals, refuse_pid, task_status)
     finally:
         owned.release()
         log.info("switcher.daemon.stopped", socket=str(config.socket_path))
@@ -84,8 +110,9 @@ async def run_daemon(
 async def _serve(
     config: Config,
     owned: OwnedSocket,
-    signals: trio.abc.ReceiveChannel[int] | object,
-    task_status: trio.TaskStatus[None],
+    signals: AsyncIterator[int],
+    refuse_pid: int | None,
+    task_status: trio.TaskStatus[DaemonHandle],
 ) -> None:
     registry = Registry()
     prober = Prober(
@@ -93,6 +120,7 @@ async def _serve(
         scan_settings(config.agents_dirs, exclude=frozenset({(owned.dev, owned.ino)})),
         interval=config.probe_interval,
         probe_timeout=config.probe_timeout,
+        refuse_pid=refuse_pid,
     )
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(owned.sock))
     async with trio.open_nursery() as root:
@@ -104,6 +132,7 @@ async def _serve(
                 registry=registry,
                 rescan=prober.rescan_for_miss,
                 grace=config.grace,
+                connect=unix_connector(refuse_pid=refuse_pid),
             )
         )
         # The control server (its own issue) joins here, sharing `registry`.
@@ -114,8 +143,8 @@ async def _serve(
             agents_dirs=list(config.agents_dirs),
             backends=len(registry.snapshot().backends),
         )
-        task_status.started()
-        async for signum in signals:  # type: ignore[attr-defined]
+        task_status.started(DaemonHandle(registry, prober, proxy, config.socket_path))
+        async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 log.info("switcher.daemon.sighup")

@@ -11,12 +11,11 @@ import secrets
 import shlex
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
-
 from _system import (
     SSHD,
     TEARDOWN_GRACE,
@@ -26,6 +25,9 @@ from _system import (
     wait_sync,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Sequence
 
 # How long sshd and ssh-agent get to come up. A hang guard for session-scoped fixtures,
 # which run outside trio and so outside any test's fail_after.
@@ -117,7 +119,10 @@ def running_client_agent(socket_path: Path, key: KeyPair, log: Path) -> Iterator
             raise RuntimeError(f"ssh-agent exited {process.returncode}:\n{tail(log)}")
         subprocess.run(
             ["ssh-add", "-q", str(key.private)],
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SSH_AUTH_SOCK": str(socket_path)},
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "SSH_AUTH_SOCK": str(socket_path),
+            },
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=True,
@@ -344,7 +349,9 @@ async def ssh_session(sshd: Sshd, agent: ClientAgent, log_dir: Path) -> AsyncIte
         )
     try:
         assert process.stdout is not None
-        session = SshSession(agent=agent, process=process, log=log, reader=_LineReader(process.stdout))
+        session = SshSession(
+            agent=agent, process=process, log=log, reader=_LineReader(process.stdout)
+        )
         # Both the login handshake and the socket's location arrive with this answer.
         # sshd creates the socket before it starts the shell, so it exists from here on.
         where = await session.run('printf "%s\\n" "$SSH_AUTH_SOCK"')
@@ -353,14 +360,20 @@ async def ssh_session(sshd: Sshd, agent: ClientAgent, log_dir: Path) -> AsyncIte
         session.agent_socket = Path(where.output)
         yield session
     finally:
-        with trio.move_on_after(TEARDOWN_GRACE, shield=True):
-            # aclose closes our end of the shell's input (a logout) and waits; if the
-            # bound passes it is cancelled, and trio then kills ssh and reaps it.
-            await process.aclose()
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        await _end_process(process)
+
+
+async def _end_process(process: trio.Process) -> None:
+    """Log out by closing the shell's input, then reap ssh; kill it if it will not go."""
+    with trio.move_on_after(TEARDOWN_GRACE, shield=True):
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                await stream.aclose()
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 def _laptop_environment(agent: ClientAgent) -> dict[str, str]:
@@ -372,7 +385,9 @@ def _laptop_environment(agent: ClientAgent) -> dict[str, str]:
     }
 
 
-async def ssh_once(sshd: Sshd, agent: ClientAgent, command: str) -> subprocess.CompletedProcess[bytes]:
+async def ssh_once(
+    sshd: Sshd, agent: ClientAgent, command: str
+) -> subprocess.CompletedProcess[bytes]:
     """Run one command over `ssh -A` and return its result."""
     argv = [*sshd.ssh_argv(key=agent.key, forward_agent=True), "-T", command]
     return await trio.run_process(
@@ -389,4 +404,3 @@ def outbound_ssh_command(sshd: Sshd) -> str:
     """A shell command, for the test user, that logs back in to sshd through its agent."""
     argv = [*sshd.ssh_argv(key=None, forward_agent=False), "true"]
     return shlex.join(argv)
-

@@ -15,12 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
-
 from _system import (
     SYSTEM_PYTHON,
     TEARDOWN_GRACE,
@@ -31,6 +30,11 @@ from _system import (
     tail,
     wait_until_listening,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator, Sequence
+
+    from _openssh import ClientAgent, Sshd
 
 # The packages the daemon needs at run time. The probe below adds whatever else they
 # import today, so a new dependency of trio does not break the suite silently.
@@ -157,6 +161,19 @@ def installed_switcher(account: UserAccount) -> Iterator[SwitcherInstall]:
         yield install
     finally:
         remove_tree(root)
+
+
+@attrs.frozen
+class World:
+    """Everything a switcher test stands on: the user, the laptop, sshd, the install."""
+
+    user: UserAccount
+    sshd: Sshd
+    # Two laptops' agents, each with its own key: (first, second).
+    agents: tuple[ClientAgent, ClientAgent]
+    switcher: SwitcherInstall
+    # A short directory of this test's own, owned by the test user.
+    workdir: Path
 
 
 @attrs.define(eq=False)

@@ -7,21 +7,24 @@ test its own `trio.run`), so they poll with plain deadlines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
+
+if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable, Sequence
 
 # The account the suite logs in as. Overridable so that two people sharing a machine
 # (or a developer next to CI) do not sweep each other's processes.
@@ -60,7 +63,9 @@ def missing_prerequisites() -> list[str]:
     if not SYSTEM_PYTHON.is_file():
         missing.append(f"{SYSTEM_PYTHON} is missing (the test user runs switcher with it)")
     missing.extend(
-        f"{tool} is not on PATH" for tool in (*CLIENT_TOOLS, *ACCOUNT_TOOLS) if not shutil.which(tool)
+        f"{tool} is not on PATH"
+        for tool in (*CLIENT_TOOLS, *ACCOUNT_TOOLS)
+        if not shutil.which(tool)
     )
     return missing
 
@@ -146,10 +151,8 @@ def is_running(pid: int) -> bool:
 
 def signal_pid(pid: int, signum: signal.Signals) -> None:
     """Send a signal to one process, ignoring one that has already gone."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def wait_sync(condition: Callable[[], bool], *, within: float) -> bool:
@@ -234,7 +237,9 @@ def tail(path: Path, *, start: int = 0, limit: int = 20_000) -> str:
 
 async def wait_until(condition: Callable[[], bool]) -> None:
     """Poll a condition inside a trio test until it holds; the caller bounds the wait."""
-    while not condition():
+    # Polling, not an Event: the conditions are other processes' files and sockets,
+    # which tell us nothing when they change.
+    while not condition():  # noqa: ASYNC110
         await trio.sleep(POLL_INTERVAL)
 
 

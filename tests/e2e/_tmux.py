@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import secrets
 import shlex
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
-
 from _system import UserAccount, describe, run_as, wait_until
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 @attrs.frozen

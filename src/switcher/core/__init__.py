@@ -11,7 +11,7 @@ from switcher.core._protocol import (
     MessageType,
     encode,
 )
-from switcher.core._proxy import ProxyServer, relay_connection, serve_agent_proxy
+from switcher.core._proxy import ProxyServer, relay_connection, serve_agent_proxy, unix_connector
 from switcher.core._registry import Backend, Health, ProbeResult, Registry, Snapshot
 
 __all__ = [
@@ -41,4 +41,5 @@ __all__ = [
     "scan",
     "scan_settings",
     "serve_agent_proxy",
+    "unix_connector",
 ]

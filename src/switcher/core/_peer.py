@@ -46,11 +46,12 @@ def describe_os_error(exc: OSError) -> str:
     return type(exc).__name__
 
 
-async def open_backend(path: str) -> trio.SocketStream:
+async def open_backend(path: str, *, refuse_pid: int | None) -> trio.SocketStream:
     """Connect to a backend agent socket and make sure it is not an impostor.
 
-    The listener must belong to our user (or root), and must not be this
-    very process: relaying to ourselves would loop forever.
+    The listener must belong to our user (or root), and must not be
+    ``refuse_pid`` (the daemon passes its own pid: relaying to ourselves
+    would loop forever; tests serving fake agents in-process pass None).
     """
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -70,7 +71,7 @@ async def open_backend(path: str) -> trio.SocketStream:
     if not uid_allowed(peer.uid, os.getuid()):
         sock.close()
         raise BackendUnavailableError(f"listener belongs to uid {peer.uid}")
-    if peer.pid == os.getpid():
+    if peer.pid == refuse_pid:
         sock.close()
         raise BackendUnavailableError("listener is switcher itself")
     return trio.SocketStream(sock)

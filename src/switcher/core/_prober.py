@@ -53,11 +53,11 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 DEFAULT_PROBE_INTERVAL = 5.0
 
 
-async def probe(path: str) -> ProbeResult:
+async def probe(path: str, *, refuse_pid: int | None) -> ProbeResult:
     """Ask a backend for its identities; unbounded, the caller sets the timeout."""
     started = time.perf_counter()
     try:
-        stream = await open_backend(path)
+        stream = await open_backend(path, refuse_pid=refuse_pid)
     except BackendUnavailableError as exc:
         return ProbeResult(Health.DEAD, error=str(exc))
     async with stream:
@@ -99,6 +99,7 @@ class Prober:
     settings: ScanSettings
     interval: float = DEFAULT_PROBE_INTERVAL
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    refuse_pid: int | None = attrs.Factory(os.getpid)
     _watched: tuple[tuple[str, int], ...] = ()
     _reported_skips: frozenset[str] = frozenset()
     _reported_errors: frozenset[str] = frozenset()
@@ -178,7 +179,7 @@ class Prober:
 
     async def _probe_one(self, backend: Backend) -> HealthChange | None:
         with trio.move_on_after(self.probe_timeout) as scope:
-            result = await probe(backend.path)
+            result = await probe(backend.path, refuse_pid=self.refuse_pid)
         if scope.cancelled_caught:
             result = ProbeResult(
                 Health.SLOW,

@@ -241,7 +241,9 @@ class _Connection:
             finished, rest = group.split(_Finished)
             lost, rest = rest.split(_Lost) if rest is not None else (None, None)
             if rest is not None:
-                raise  # cancellation from outside, or a bug: not ours to hide
+                # Cancellation from outside, or a bug: not ours to hide, but
+                # our own control-flow signals must not leak with it.
+                raise rest from None
             if finished is not None:
                 raise _single(finished, _Finished) from None
             assert lost is not None
@@ -366,9 +368,13 @@ async def relay_connection(
     return outcome
 
 
-async def connect_unix(backend: Backend) -> trio.abc.Stream:
+def unix_connector(*, refuse_pid: int | None) -> Connector:
     """The production connector: a fresh Unix connection with the peer checked."""
-    return await open_backend(backend.path)
+
+    async def connect(backend: Backend) -> trio.abc.Stream:
+        return await open_backend(backend.path, refuse_pid=refuse_pid)
+
+    return connect
 
 
 async def _handle_client(
@@ -444,7 +450,7 @@ async def serve_agent_proxy(
     registry: Registry,
     rescan: Rescan,
     grace: float,
-    connect: Connector = connect_unix,
+    connect: Connector,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept agent clients until told to stop, then drain them for ``grace`` seconds.

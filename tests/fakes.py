@@ -1,0 +1,172 @@
+"""In-memory fake agents that speak real agent frames.
+
+A fake is a real agent-protocol peer, not a mock: it decodes requests with
+the same framing rules ssh-agent has and answers with well-formed replies
+(or, on request, misbehaves in one of the ways real backends do).
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+
+import attrs
+import trio
+import trio.testing
+
+from switcher.core import Backend, FrameDecoder, FrameError, MessageType, encode
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def identities_body(keys: Sequence[bytes]) -> bytes:
+    """An IDENTITIES_ANSWER body: a count, then (key blob, comment) pairs."""
+    return struct.pack(">I", len(keys)) + b"".join(
+        _string(k) + _string(b"comment-" + k[:8]) for k in keys
+    )
+
+
+class Behaviour(enum.Enum):
+    NORMAL = "normal"
+    HANG = "hang"  # reads requests, never answers (an agent waiting on a touch)
+    CLOSE = "close"  # accepts, then closes without reading (sshd with nothing forwarded)
+    GARBAGE = "garbage"  # answers with an oversized length prefix
+    TRUNCATE = "truncate"  # sends half a reply, then closes (an agent dying mid-reply)
+    DIE_AFTER_FIRST = "die_after_first"  # answers one request, then closes
+    DIE_ON_SIGN = "die_on_sign"  # healthy to probes, but cuts a signature short
+
+
+@attrs.define(eq=False)
+class FakeAgent:
+    """An agent holding ``keys``; its SIGN_RESPONSE body is its own name, to tell agents apart."""
+
+    name: str
+    keys: list[bytes] = attrs.Factory(lambda: [b"key-one"])
+    behaviour: Behaviour = Behaviour.NORMAL
+    requests: list[int] = attrs.Factory(list)
+    raw_requests: list[bytes] = attrs.Factory(list)
+    connections: int = 0
+    # Set each time a request arrives, for tests that wait on it.
+    request_seen: trio.Event = attrs.Factory(trio.Event)
+
+    def answer(self, message_type: int) -> bytes:
+        if message_type == MessageType.REQUEST_IDENTITIES:
+            return encode(MessageType.IDENTITIES_ANSWER, identities_body(self.keys))
+        if message_type == MessageType.SIGN_REQUEST:
+            return encode(MessageType.SIGN_RESPONSE, _string(self.name.encode()))
+        if message_type == MessageType.EXTENSION:
+            # What ssh-agent answers to session-bind@openssh.com.
+            return encode(MessageType.SUCCESS)
+        return encode(MessageType.FAILURE)
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until the peer leaves (as ssh-agent, requests in order)."""
+        self.connections += 1
+        async with stream:
+            if self.behaviour is Behaviour.CLOSE:
+                return
+            decoder = FrameDecoder()
+            try:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return  # ssh-agent closes on EOF without answering
+                    decoder.feed(data)
+                    while (frame := decoder.next_frame()) is not None:
+                        self.requests.append(frame.type)
+                        self.raw_requests.append(frame.raw)
+                        self.request_seen.set()
+                        self.request_seen = trio.Event()
+                        if not await self._reply(stream, frame.type):
+                            return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
+                return
+
+    async def _reply(self, stream: trio.abc.Stream, message_type: int) -> bool:
+        if self.behaviour is Behaviour.HANG:
+            await trio.sleep_forever()
+        if self.behaviour is Behaviour.GARBAGE:
+            await stream.send_all(b"\xff\xff\xff\xff garbage")
+            return False
+        reply = self.answer(message_type)
+        if self.behaviour is Behaviour.TRUNCATE or (
+            self.behaviour is Behaviour.DIE_ON_SIGN and message_type == MessageType.SIGN_REQUEST
+        ):
+            await stream.send_all(reply[: len(reply) // 2])
+            return False
+        await stream.send_all(reply)
+        return self.behaviour is not Behaviour.DIE_AFTER_FIRST
+
+    async def serve_unix(
+        self, path: str, *, task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on a real Unix socket at ``path`` until cancelled."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            task_status.started(listener)
+            async with listener:
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self.serve, stream)
+
+
+@attrs.define(eq=False)
+class MemoryBackends:
+    """A connector for the proxy that reaches fake agents over memory streams.
+
+    ``agents`` maps a backend path to its fake; a path with no fake refuses
+    the connection, like a stale socket file.
+    """
+
+    nursery: trio.Nursery
+    agents: dict[str, FakeAgent] = attrs.Factory(dict)
+    connects: list[str] = attrs.Factory(list)
+
+    async def connect(self, backend: Backend) -> trio.abc.Stream:
+        from switcher.core._peer import BackendUnavailableError  # noqa: PLC0415
+
+        self.connects.append(backend.path)
+        agent = self.agents.get(backend.path)
+        if agent is None:
+            raise BackendUnavailableError("connection refused")
+        ours, theirs = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(agent.serve, theirs)
+        return ours
+
+
+def make_socket_file(path: str) -> None:
+    """A stale socket: bound once, its listener gone, so connecting is refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)
+
+
+@attrs.define(eq=False)
+class AgentClient:
+    """The client side of an agent connection, reading whole reply frames."""
+
+    stream: trio.abc.Stream
+    decoder: FrameDecoder = attrs.Factory(FrameDecoder)
+
+    async def read_frame(self) -> bytes:
+        while (frame := self.decoder.next_frame()) is None:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("stream closed before a whole frame")
+            self.decoder.feed(data)
+        return frame.raw
+
+    async def request(self, message_type: int, body: bytes = b"") -> bytes:
+        """Send one request and read one whole reply frame (header included)."""
+        await self.stream.send_all(encode(message_type, body))
+        return await self.read_frame()
+
+    async def at_eof(self) -> bool:
+        """Whether the other side closed (with nothing more to read)."""
+        return self.decoder.buffered == 0 and await self.stream.receive_some(1) == b""

@@ -1,0 +1,232 @@
+"""The daemon in-process, on real Unix sockets, with fake agents as backends."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from fakes import AgentClient, Behaviour, FakeAgent, make_socket_file
+from switcher.config import Config
+from switcher.core import Backend, Health, MessageType, Snapshot, encode
+from switcher.daemon import DaemonHandle, run_daemon
+
+FAILURE = encode(MessageType.FAILURE)
+
+
+@attrs.define(eq=False)
+class World:
+    """A daemon under test, its agents dir, and helpers to add sessions."""
+
+    root: Path
+    agents_dir: Path
+    nursery: trio.Nursery
+    daemon: DaemonHandle | None = None
+    _sessions: int = 0
+
+    def session_dir(self) -> Path:
+        """A fresh sshd-style ``ssh-XXXX`` directory, mode 0700."""
+        self._sessions += 1
+        path = self.agents_dir / f"ssh-{self._sessions:010d}"
+        path.mkdir(mode=0o700)
+        return path
+
+    async def start_agent(self, agent: FakeAgent, path: Path | None = None) -> tuple[Path, trio.CancelScope]:
+        """Serve ``agent`` on a new forwarded-agent socket; cancel the scope to end the session."""
+        path = path or self.session_dir() / "agent.1"
+        scope = trio.CancelScope()
+
+        async def session(*, task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await agent.serve_unix(str(path), task_status=task_status)
+            path.unlink(missing_ok=True)  # sshd removes the socket when the session ends
+
+        await self.nursery.start(session)
+        return path, scope
+
+    async def start_daemon(self, **overrides: object) -> DaemonHandle:
+        config = Config(
+            socket_path=self.root / "s.sock",
+            agents_dirs=(str(self.agents_dir),),
+            probe_interval=3600.0,  # only the watcher and misses may find changes
+            probe_timeout=0.2,
+            grace=0.5,
+        )
+        config = attrs.evolve(config, **overrides)  # type: ignore[arg-type]
+        self.daemon = await self.nursery.start(
+            functools.partial(run_daemon, config, refuse_own_pid=False)
+        )
+        return self.daemon
+
+    async def client(self) -> AgentClient:
+        assert self.daemon is not None
+        return AgentClient(await trio.open_unix_socket(str(self.daemon.socket_path)))
+
+    async def wait_until(self, condition: Callable[[Snapshot], bool]) -> Snapshot:
+        """Wait, without polling sleeps, until the registry satisfies ``condition``."""
+        assert self.daemon is not None
+        registry = self.daemon.registry
+        while not condition(snapshot := registry.snapshot()):
+            await registry.wait_changed(snapshot.version)
+        return snapshot
+
+
+@pytest.fixture
+async def world(short_tmp: Path) -> AsyncIterator[World]:
+    agents = short_tmp / "agents"
+    agents.mkdir()
+    async with trio.open_nursery() as nursery:
+        yield World(short_tmp, agents, nursery)
+        nursery.cancel_scope.cancel()
+
+
+def chosen(path: Path) -> Callable[[Snapshot], bool]:
+    def check(snapshot: Snapshot) -> bool:
+        choice = snapshot.choice
+        return choice is not None and choice.path == str(path) and choice.health is Health.HEALTHY
+
+    return check
+
+
+async def identities(world: World) -> bytes:
+    client = await world.client()
+    async with client.stream:
+        return await client.request(MessageType.REQUEST_IDENTITIES)
+
+
+def answer(agent: FakeAgent) -> bytes:
+    return agent.answer(MessageType.REQUEST_IDENTITIES)
+
+
+class TestServing:
+    async def test_relays_to_a_forwarded_agent(self, world: World) -> None:
+        """A client of the stable socket is answered by the agent in /tmp/ssh-*/agent.*."""
+        agent = FakeAgent("one")
+        with trio.fail_after(10):
+            await world.start_agent(agent)
+            await world.start_daemon()
+            assert await identities(world) == answer(agent)
+
+    async def test_socket_is_private(self, world: World) -> None:
+        """The stable socket is created with mode 0600."""
+        with trio.fail_after(10):
+            handle = await world.start_daemon()
+        assert oct(handle.socket_path.stat().st_mode & 0o777) == oct(0o600)
+
+    async def test_new_session_is_noticed_without_a_probe_cycle(self, world: World) -> None:
+        """A session that appears later is found by the watcher and preferred (newest wins)."""
+        old, new = FakeAgent("old", keys=[b"old"]), FakeAgent("new", keys=[b"new"])
+        with trio.fail_after(10):
+            old_path, _ = await world.start_agent(old)
+            await world.start_daemon()
+            await world.wait_until(chosen(old_path))
+            new_path, _ = await world.start_agent(new)
+            await world.wait_until(chosen(new_path))
+            assert await identities(world) == answer(new)
+
+    async def test_closed_session_falls_back_to_the_older(self, world: World) -> None:
+        """When the newest session ends, clients are served by the one before it."""
+        old, new = FakeAgent("old", keys=[b"old"]), FakeAgent("new", keys=[b"new"])
+        with trio.fail_after(10):
+            await world.start_agent(old)
+            new_path, new_session = await world.start_agent(new)
+            await world.start_daemon()
+            await world.wait_until(chosen(new_path))
+            new_session.cancel()
+            await world.wait_until(lambda s: all(b.path != str(new_path) for b in s.backends))
+            assert await identities(world) == answer(old)
+
+    async def test_clients_are_served_concurrently(self, world: World) -> None:
+        """Twenty clients connected at once are all answered (none waits for another to leave)."""
+        agent = FakeAgent("one")
+        with trio.fail_after(10):
+            await world.start_agent(agent)
+            await world.start_daemon()
+            clients = [await world.client() for _ in range(20)]
+            for client in reversed(clients):
+                assert await client.request(MessageType.REQUEST_IDENTITIES) == answer(agent)
+            for client in clients:
+                await client.stream.aclose()
+
+
+class TestBadBackends:
+    async def test_stale_socket_files_are_dead_and_skipped(self, world: World) -> None:
+        """A socket file left by a killed sshd (ECONNREFUSED) is ranked dead; the live one serves."""
+        agent = FakeAgent("live")
+        with trio.fail_after(10):
+            live_path, _ = await world.start_agent(agent)
+            stale = world.session_dir() / "agent.2"  # newer than the live one
+            make_socket_file(str(stale))
+            await world.start_daemon()
+            snapshot = await world.wait_until(
+                lambda s: [b.health for b in s.backends] == [Health.HEALTHY, Health.DEAD]
+            )
+            assert await identities(world) == answer(agent)
+        assert [b.path for b in snapshot.backends] == [str(live_path), str(stale)]
+        assert snapshot.backends[1].last_error == "connection refused"
+
+    async def test_only_stale_sockets_means_prompt_failure(self, world: World) -> None:
+        """With nothing but dead sockets, a request gets SSH_AGENT_FAILURE at once."""
+        make_socket_file(str(world.session_dir() / "agent.1"))
+        with trio.fail_after(10):
+            await world.start_daemon()
+            assert await identities(world) == FAILURE
+
+    async def test_a_backend_that_never_answers_is_slow(self, world: World) -> None:
+        """An agent that accepts and never answers is marked slow and ranked below a healthy one."""
+        hung, good = FakeAgent("hung", behaviour=Behaviour.HANG), FakeAgent("good")
+        with trio.fail_after(10):
+            good_path, _ = await world.start_agent(good)
+            hung_path, _ = await world.start_agent(hung)  # newer, so it would win if healthy
+            await world.start_daemon()
+            snapshot = await world.wait_until(
+                lambda s: [b.health for b in s.backends] == [Health.HEALTHY, Health.SLOW]
+            )
+            assert await identities(world) == answer(good)
+        assert [b.path for b in snapshot.backends] == [str(good_path), str(hung_path)]
+
+    async def test_a_backend_that_dies_mid_request_fails_over(self, world: World) -> None:
+        """A backend that cuts its reply short is replaced by the next, unnoticed by the client."""
+        dying, good = FakeAgent("dying", behaviour=Behaviour.DIE_ON_SIGN), FakeAgent("good")
+        with trio.fail_after(10):
+            await world.start_agent(good)
+            dying_path, _ = await world.start_agent(dying)  # newer: chosen first
+            await world.start_daemon()
+            await world.wait_until(chosen(dying_path))
+            client = await world.client()
+            async with client.stream:
+                reply = await client.request(MessageType.SIGN_REQUEST, b"data")
+            snapshot = await world.wait_until(lambda s: s.backends[-1].health is Health.DEAD)
+        assert reply == good.answer(MessageType.SIGN_REQUEST)
+        assert (snapshot.backends[-1].path, snapshot.backends[-1].last_error) == (
+            str(dying_path),
+            "closed before answering",
+        )
+
+
+class TestGarbageInTheDirs:
+    async def test_garbage_entries_are_ignored(self, world: World) -> None:
+        """Files, fifos, symlinks, foreign names and unreadable paths never stop the daemon."""
+        agent = FakeAgent("live")
+        junk = world.session_dir()
+        (junk / "agent.file").write_bytes(b"not a socket")
+        os.mkfifo(junk / "agent.fifo")
+        (junk / "agent.dir").mkdir()
+        (world.agents_dir / "ssh-notadir").write_text("x")
+        (world.agents_dir / "ssh-link").symlink_to(junk)
+        (world.agents_dir / "s.garbage").write_text("x")
+        (world.agents_dir / "unrelated").mkdir()
+        not_a_dir = world.root / "plainfile"
+        not_a_dir.write_text("x")
+        with trio.fail_after(10):
+            live, _ = await world.start_agent(agent)
+            await world.start_daemon(agents_dirs=(str(world.agents_dir), str(not_a_dir)))
+            snapshot = await world.wait_until(chosen(live))
+            assert await identities(world) == answer(agent)
+        assert [b.path for b in snapshot.backends] == [str(live)]
