@@ -29,6 +29,7 @@ class World:
     nursery: trio.Nursery
     daemon: DaemonHandle | None = None
     _sessions: int = 0
+    _newest_ctime: float = 0.0
 
     def session_dir(self) -> Path:
         """A fresh sshd-style ``ssh-XXXX`` directory, mode 0700."""
@@ -48,7 +49,20 @@ class World:
             path.unlink(missing_ok=True)  # sshd removes the socket when the session ends
 
         await self.nursery.start(session)
+        await self._make_newest(path)
         return path, scope
+
+    async def _make_newest(self, path: Path) -> None:
+        """Make ``path``'s ctime later than every earlier session's.
+
+        File timestamps tick at kernel-jiffy granularity, so two sockets made
+        within a few milliseconds can tie; chmod (a no-op here) restamps it.
+        """
+        newest = self._newest_ctime
+        while path.stat().st_ctime <= newest:
+            await trio.sleep(0.001)
+            path.chmod(0o755)
+        self._newest_ctime = path.stat().st_ctime
 
     async def start_daemon(self, **overrides: object) -> DaemonHandle:
         config = Config(
