@@ -33,6 +33,7 @@ def accepts(path: Path) -> bool:
 class Daemon:
     process: trio.Process
     socket_path: Path
+    control_path: Path
     log_path: Path
 
     def log_events(self) -> list[dict[str, object]]:
@@ -46,6 +47,7 @@ class Daemon:
 async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> Daemon:
     """Start ``switcher daemon`` and wait until its socket accepts connections."""
     socket_path = tmp / "s.sock"
+    control_path = tmp / "c.sock"
     log_path = tmp / "daemon.log"
     agents_dirs = ":".join(str(a) for a in agents) or str(tmp / "none")
     process = await trio.lowlevel.open_process(
@@ -54,6 +56,8 @@ async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> D
             "daemon",
             "--socket-path",
             str(socket_path),
+            "--control-path",
+            str(control_path),
             "--agents-dirs",
             agents_dirs,
             "--log-file",
@@ -65,6 +69,6 @@ async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> D
         if process.poll() is not None:
             raise AssertionError(f"daemon exited with {process.returncode} before listening")
         await trio.sleep(0.02)
-    return Daemon(process, socket_path, log_path)
+    return Daemon(process, socket_path, control_path, log_path)
 
 

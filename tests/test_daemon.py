@@ -67,6 +67,7 @@ class World:
     async def start_daemon(self, **overrides: object) -> DaemonHandle:
         config = Config(
             socket_path=self.root / "s.sock",
+            control_path=self.root / "c.sock",
             agents_dirs=(str(self.agents_dir),),
             probe_interval=3600.0,  # only the watcher and misses may find changes
             probe_timeout=0.2,

@@ -299,10 +299,63 @@ class TestScanSkips:
         assert (result.candidates, result.skipped, result.errors) == ((), (), ())
 
 
+def fail_for(monkeypatch: pytest.MonkeyPatch, name: str, target: Path, error: OSError) -> None:
+    """Make ``os.<name>`` raise ``error`` for ``target`` only: a race no real setup can stage."""
+    real = getattr(os, name)
+
+    def patched(path: str, *args: object, **kwargs: object) -> object:
+        if os.fspath(path) == os.fspath(target):
+            raise error
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, name, patched)
+
+
+class TestScanRaces:
+    def test_socket_vanishes_before_lstat(
+        self, agents: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A socket removed between listing and lstat (a session ending) is skipped, not raised."""
+        legacy = make_legacy_dir(agents)
+        gone = make_socket(legacy / "agent.1")
+        kept = make_socket(legacy / "agent.2")
+        fail_for(monkeypatch, "lstat", gone, FileNotFoundError(2, "No such file or directory"))
+        result = scan(settings_for(agents))
+        assert (result.candidates, result.skipped) == (
+            (candidate(kept, Layout.TMP),),
+            (Skipped(os.fspath(gone), "No such file or directory"),),
+        )
+
+    def test_legacy_dir_vanishes_before_lstat(
+        self, agents: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An ``ssh-*`` dir removed between listing and lstat is skipped, not raised."""
+        legacy = make_legacy_dir(agents)
+        fail_for(monkeypatch, "lstat", legacy, FileNotFoundError(2, "No such file or directory"))
+        result = scan(settings_for(agents))
+        assert (result.skipped, result.errors) == (
+            (Skipped(os.fspath(legacy), "No such file or directory"),),
+            (),
+        )
+
+    def test_legacy_dir_unlistable(self, agents: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An ``ssh-*`` dir that cannot be listed is an error; the scan goes on past it."""
+        broken = make_legacy_dir(agents, "ssh-Broken0000")
+        fine = make_legacy_dir(agents, "ssh-Fine000000")
+        sock = make_socket(fine / "agent.1")
+        fail_for(monkeypatch, "scandir", broken, PermissionError(13, "Permission denied"))
+        result = scan(settings_for(agents))
+        assert (result.candidates, result.errors) == (
+            (candidate(sock, Layout.TMP),),
+            (Skipped(os.fspath(broken), "Permission denied"),),
+        )
+
+
 class TestScanDirs:
     def test_missing_agents_dir(self, short_tmp: Path) -> None:
-        """An agents dir that does not exist (no OpenSSH 10.1 yet) is not an error."""
-        assert scan(settings_for(short_tmp / "missing")) == ScanResult((), (), (), ())
+        """An agents dir that does not exist (no OpenSSH 10.1 yet) is not an error, but is watched."""
+        missing = short_tmp / "missing"
+        assert scan(settings_for(missing)) == ScanResult((), (), ((os.fspath(missing), -1),), ())
 
     def test_agents_dir_not_a_directory(self, short_tmp: Path) -> None:
         """An agents dir that cannot be listed is reported in errors, not raised."""
@@ -337,6 +390,7 @@ class TestScanDirs:
             (os.fspath(agents), agents.stat().st_mtime_ns),
             (os.fspath(first), first.stat().st_mtime_ns),
             (os.fspath(second), second.stat().st_mtime_ns),
+            (os.fspath(short_tmp / "missing"), -1),
         )
 
 
@@ -352,9 +406,27 @@ def _age(path: Path) -> None:
 
 class TestWatchedChanged:
     def test_unchanged(self, agents: Path) -> None:
-        """Right after a scan with nothing touched, nothing has changed."""
-        make_socket(make_legacy_dir(agents) / "agent.1")
+        """After a scan of settled directories with nothing touched, nothing has changed."""
+        legacy = make_legacy_dir(agents)
+        make_socket(legacy / "agent.1")
+        _age(legacy)
+        _age(agents)
         assert watched_changed(scan(settings_for(agents)).watched) is False
+
+    def test_just_modified_dir_counts_as_changed(self, agents: Path) -> None:
+        """A dir modified within the last timestamp tick may hide a change: rescan it."""
+        _age(agents)
+        watched = scan(settings_for(agents)).watched
+        now = agents.stat().st_mtime_ns + 1_000_000  # 1 ms after its mtime
+        assert watched_changed(watched, now_ns=now) is True
+
+    def test_missing_dir_that_appears(self, short_tmp: Path) -> None:
+        """An agents dir that did not exist and now does (OpenSSH 10.1's first login) is noticed."""
+        missing = short_tmp / "agent"
+        watched = scan(settings_for(missing)).watched
+        assert watched_changed(watched) is False
+        missing.mkdir()
+        assert watched_changed(watched) is True
 
     def test_new_socket_in_legacy_dir(self, agents: Path) -> None:
         """A socket added inside a watched ``ssh-*`` dir is noticed."""

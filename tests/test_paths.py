@@ -323,6 +323,14 @@ class TestClaimSocketPath:
             claim_socket_path(path)
         assert path.is_dir()
 
+    def test_uninspectable(self, short_tmp: Path) -> None:
+        """A path that cannot be looked at (its parent is a file) is refused with the reason."""
+        parent = short_tmp / "f"
+        parent.write_bytes(b"")
+        with pytest.raises(UnsafePathError) as info:
+            claim_socket_path(parent / "agent.sock")
+        assert str(info.value) == f"cannot inspect {parent / 'agent.sock'}: Not a directory"
+
     @requires_root
     def test_other_owner_kept(self, short_tmp: Path) -> None:
         """A stale socket owned by another uid is refused and not deleted."""

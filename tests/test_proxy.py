@@ -55,7 +55,7 @@ class Harness:
             outcome = await relay_connection(
                 theirs, registry=self.registry, connect=self.backends.connect, rescan=self.rescan
             )
-            self.outcomes.append(outcome)
+            self.outcomes.append(outcome.outcome)
 
         self.nursery.start_soon(serve)
         return AgentClient(ours)

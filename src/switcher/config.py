@@ -19,6 +19,7 @@ def default_agents_dirs() -> tuple[str, ...]:
 @attrs.frozen
 class Config:
     socket_path: Path
+    control_path: Path
     agents_dirs: tuple[str, ...]
     probe_interval: float
     probe_timeout: float

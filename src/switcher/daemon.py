@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import trio
 
 from switcher import paths
 from switcher.config import Config
+from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
     Prober,
     ProxyServer,
@@ -47,7 +49,9 @@ class DaemonHandle:
     registry: Registry
     prober: Prober
     proxy: ProxyServer
+    control: ControlService
     socket_path: Path
+    control_path: Path
 
 
 @attrs.define(eq=False)
@@ -97,19 +101,28 @@ async def run_daemon(
     ``refuse_own_pid`` guards against relaying to ourselves; only tests that
     serve fake agents inside this very process turn it off.
     """
-    owned = OwnedSocket.claim(config.socket_path)
-    refuse_pid = os.getpid() if refuse_own_pid else None
-    try:
-        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
-            await _serve(config, owned, signals, refuse_pid, task_status)
-    finally:
-        owned.release()
-        log.info("switcher.daemon.stopped", socket=str(config.socket_path))
+    # Signals are caught before the sockets exist: whoever sees the socket
+    # accept may signal us at once, and must not hit the default action.
+    with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
+        agent = OwnedSocket.claim(config.socket_path)
+        try:
+            control = OwnedSocket.claim(config.control_path)
+        except BaseException:
+            agent.release()
+            raise
+        refuse_pid = os.getpid() if refuse_own_pid else None
+        try:
+            await _serve(config, agent, control, signals, refuse_pid, task_status)
+        finally:
+            control.release()
+            agent.release()
+            log.info("switcher.daemon.stopped", socket=str(config.socket_path))
 
 
 async def _serve(
     config: Config,
-    owned: OwnedSocket,
+    agent: OwnedSocket,
+    control: OwnedSocket,
     signals: AsyncIterator[int],
     refuse_pid: int | None,
     task_status: trio.TaskStatus[DaemonHandle],
@@ -117,12 +130,16 @@ async def _serve(
     registry = Registry()
     prober = Prober(
         registry,
-        scan_settings(config.agents_dirs, exclude=frozenset({(owned.dev, owned.ino)})),
+        # Our own sockets are never backends, whatever they are named.
+        scan_settings(
+            config.agents_dirs,
+            exclude=frozenset({(agent.dev, agent.ino), (control.dev, control.ino)}),
+        ),
         interval=config.probe_interval,
         probe_timeout=config.probe_timeout,
         refuse_pid=refuse_pid,
     )
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(owned.sock))
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(agent.sock))
     async with trio.open_nursery() as root:
         await root.start(prober.serve)
         proxy = await root.start(
@@ -135,15 +152,36 @@ async def _serve(
                 connect=unix_connector(refuse_pid=refuse_pid),
             )
         )
-        # The control server (its own issue) joins here, sharing `registry`.
+        control_service = ControlService(
+            registry,
+            prober,
+            DaemonInfo(
+                pid=os.getpid(),
+                socket_path=config.socket_path,
+                control_path=config.control_path,
+                agents_dirs=config.agents_dirs,
+                started=time.monotonic(),
+            ),
+            proxy_statistics=proxy.statistics,
+        )
+        await root.start(
+            serve_control,
+            trio.SocketListener(trio.socket.from_stdlib_socket(control.sock)),
+            control_service,
+        )
         log.info(
             "switcher.daemon.started",
             pid=os.getpid(),
             socket=str(config.socket_path),
+            control=str(config.control_path),
             agents_dirs=list(config.agents_dirs),
             backends=len(registry.snapshot().backends),
         )
-        task_status.started(DaemonHandle(registry, prober, proxy, config.socket_path))
+        task_status.started(
+            DaemonHandle(
+                registry, prober, proxy, control_service, config.socket_path, config.control_path
+            )
+        )
         async for signum in signals:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:

@@ -56,6 +56,9 @@ def ensure_private_dir(path: Path) -> None:
     """
     try:
         path.mkdir(mode=0o700)
+        # mkdir's mode is filtered by the umask (the daemon runs under 0o177,
+        # which would leave the directory without its search bit): set it.
+        path.chmod(0o700)
     except FileExistsError:
         pass
     except OSError as exc:
@@ -71,6 +74,10 @@ def ensure_private_dir(path: Path) -> None:
         raise UnsafePathError(f"{path} is not a directory")
     if st.st_uid != uid:
         raise UnsafePathError(f"{path} is owned by uid {st.st_uid}, not by us (uid {uid})")
+    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+        raise UnsafePathError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 (chmod 700 it)"
+        )
     if st.st_mode & 0o077:
         raise UnsafePathError(
             f"{path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be "

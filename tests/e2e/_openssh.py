@@ -20,8 +20,10 @@ from _system import (
     SSHD,
     TEARDOWN_GRACE,
     UserAccount,
+    describe,
     free_tcp_port,
     tail,
+    tcp_listening,
     wait_sync,
     wait_until,
 )
@@ -117,7 +119,7 @@ def running_client_agent(socket_path: Path, key: KeyPair, log: Path) -> Iterator
             raise RuntimeError(f"ssh-agent did not create {socket_path}:\n{tail(log)}")
         if process.poll() is not None:
             raise RuntimeError(f"ssh-agent exited {process.returncode}:\n{tail(log)}")
-        subprocess.run(
+        added = subprocess.run(
             ["ssh-add", "-q", str(key.private)],
             env={
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -125,9 +127,11 @@ def running_client_agent(socket_path: Path, key: KeyPair, log: Path) -> Iterator
             },
             stdin=subprocess.DEVNULL,
             capture_output=True,
-            check=True,
+            check=False,
             timeout=STARTUP_BOUND,
         )
+        if added.returncode != 0:
+            raise RuntimeError(f"cannot load the laptop key:\n{describe(added)}")
         yield ClientAgent(socket=socket_path, key=key, process=process)
     finally:
         _stop_popen(process)
@@ -207,16 +211,6 @@ def _sshd_config(directory: Path, port: int, account: UserAccount) -> str:
     )
 
 
-def _listening(port: int) -> bool:
-    import socket  # noqa: PLC0415 - the synchronous socket module is only needed here
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=STARTUP_BOUND):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def running_sshd(
     directory: Path, account: UserAccount, authorized: Sequence[KeyPair]
@@ -247,7 +241,7 @@ def running_sshd(
             )
         try:
             came_up = wait_sync(
-                lambda: process.poll() is not None or _listening(port),  # noqa: B023 - used at once
+                lambda: process.poll() is not None or tcp_listening(port),  # noqa: B023 - used at once
                 within=STARTUP_BOUND,
             )
             if came_up and process.poll() is None:

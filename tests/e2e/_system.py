@@ -221,6 +221,16 @@ def free_tcp_port() -> int:
         return port
 
 
+def tcp_listening(port: int) -> bool:
+    """Whether something accepts TCP connections on this loopback port."""
+    try:
+        # Loopback answers or refuses at once; the timeout only bounds a wedged stack.
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def tail(path: Path, *, start: int = 0, limit: int = 20_000) -> str:
     """Read what a log file gained since `start`, capped so a runaway log stays readable."""
     try:

@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     os.umask(0o177)
     config = Config(
         socket_path=(args.socket_path or paths.default_socket_path()).absolute(),
+        control_path=(args.control_path or paths.default_control_path()).absolute(),
         agents_dirs=args.agents_dirs or default_agents_dirs(),
         probe_interval=args.probe_interval,
         probe_timeout=args.probe_timeout,

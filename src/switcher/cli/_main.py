@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from switcher import __version__, paths
+from switcher.cli import _ctl
 
 # Exit codes of `switcher daemon`, documented in --help and the README.
 EXIT_OK = 0
@@ -66,6 +67,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the stable agent socket (default: /tmp/switcher-$UID/agent.sock)",
     )
     daemon.add_argument(
+        "--control-path",
+        type=Path,
+        default=None,
+        help="the JSON control socket (default: /tmp/switcher-$UID/control.sock)",
+    )
+    daemon.add_argument(
         "--agents-dirs",
         type=_agents_dirs,
         default=None,
@@ -98,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print the agent socket path",
         description='Print the stable socket path, for: export SSH_AUTH_SOCK="$(switcher path)"',
     ).add_argument("--socket-path", type=Path, default=None, help=argparse.SUPPRESS)
+    _ctl.add_parser(commands)
     return parser
 
 
@@ -108,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "daemon":
         return _daemon(args)
+    if args.command == "ctl":
+        return _ctl.run(args)
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 

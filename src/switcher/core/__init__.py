@@ -11,7 +11,13 @@ from switcher.core._protocol import (
     MessageType,
     encode,
 )
-from switcher.core._proxy import ProxyServer, relay_connection, serve_agent_proxy, unix_connector
+from switcher.core._proxy import (
+    ProxyServer,
+    ProxyStatistics,
+    relay_connection,
+    serve_agent_proxy,
+    unix_connector,
+)
 from switcher.core._registry import Backend, Health, ProbeResult, Registry, Snapshot
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "ProbeResult",
     "Prober",
     "ProxyServer",
+    "ProxyStatistics",
     "RefreshReport",
     "Registry",
     "ScanSettings",

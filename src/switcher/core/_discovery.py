@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterable
 
 import attrs
@@ -30,6 +31,14 @@ _LEGACY_DIR_PREFIX = "ssh-"
 _LEGACY_SOCKET_PREFIX = "agent."
 _AGENT_DIR_PREFIX = "s."
 _FORWARDED_TAG = "sshd"
+
+
+# The mtime we record for an agents dir that does not exist (yet).
+_MISSING = -1
+
+# Newer than this, a directory's mtime may not yet reflect every change made
+# in the same timestamp tick (Linux ticks at 1 to 10 ms).
+_UNSETTLED_NS = 20_000_000
 
 
 class Layout(enum.Enum):
@@ -163,7 +172,10 @@ class _Scan:
             with os.scandir(top) as entries:
                 names = [e.name for e in entries]
         except FileNotFoundError:
-            return  # ~/.ssh/agent does not exist until OpenSSH 10.1 makes it
+            # ~/.ssh/agent does not exist until OpenSSH 10.1 makes it; watch
+            # for it to appear.
+            self.watched.append((top, _MISSING))
+            return
         except OSError as exc:
             self.errors.append(Skipped(top, exc.strerror or "cannot list"))
             return
@@ -185,9 +197,10 @@ def scan(settings: ScanSettings) -> ScanResult:
     state = _Scan(settings)
     seen: set[str] = set()
     for top in settings.agents_dirs:
-        if top in seen:
+        real = os.path.realpath(top)  # "/tmp", "/tmp/" and an alias are one dir
+        if real in seen:
             continue
-        seen.add(top)
+        seen.add(real)
         state.scan_agents_dir(top)
     return ScanResult(
         candidates=tuple(state.candidates),
@@ -197,12 +210,22 @@ def scan(settings: ScanSettings) -> ScanResult:
     )
 
 
-def watched_changed(watched: Iterable[tuple[str, int]]) -> bool:
-    """Whether any directory a scan looked into has changed since (or vanished)."""
+def watched_changed(watched: Iterable[tuple[str, int]], now_ns: int | None = None) -> bool:
+    """Whether any directory a scan looked into has changed since (or come or gone).
+
+    File timestamps tick coarsely (a few milliseconds): an entry added in the
+    same tick as our scan leaves the mtime we recorded unchanged. So a
+    directory modified within the last tick counts as changed too; that
+    costs at most a rescan or two after each real change.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
     for path, mtime_ns in watched:
         try:
-            if os.stat(path).st_mtime_ns != mtime_ns:
-                return True
+            current = os.stat(path).st_mtime_ns
         except OSError:
+            if mtime_ns != _MISSING:
+                return True
+            continue
+        if current != mtime_ns or now_ns - current < _UNSETTLED_NS:
             return True
     return False

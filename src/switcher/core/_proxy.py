@@ -15,7 +15,6 @@ conversation belongs to that backend, and losing it closes the client.
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +32,7 @@ from switcher.core._peer import (
     peer_credentials,
     uid_allowed,
 )
+from switcher.core._accept import accept_loop
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
 from switcher.core._registry import Backend, Registry
 
@@ -328,6 +328,13 @@ def _reason(exc: BaseException) -> str:
     return "connection lost"
 
 
+@attrs.frozen
+class ConnectionResult:
+    outcome: str
+    failovers: int
+    answered_locally: int
+
+
 async def relay_connection(
     client: trio.abc.Stream,
     *,
@@ -335,8 +342,8 @@ async def relay_connection(
     connect: Connector,
     rescan: Rescan,
     peer: PeerCredentials | None = None,
-) -> str:
-    """Serve one client connection to the end, log it once, return its outcome.
+) -> ConnectionResult:
+    """Serve one client connection to the end, log it once, say how it went.
 
     Expected failures (a client or backend that vanished, a malformed frame)
     end only this connection. The stream is closed on return.
@@ -365,7 +372,7 @@ async def relay_connection(
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             **connection.summary(),
         )
-    return outcome
+    return ConnectionResult(outcome, connection.failovers, connection.answered_locally)
 
 
 def unix_connector(*, refuse_pid: int | None) -> Connector:
@@ -379,57 +386,68 @@ def unix_connector(*, refuse_pid: int | None) -> Connector:
 
 async def _handle_client(
     client: trio.SocketStream, *, registry: Registry, connect: Connector, rescan: Rescan
-) -> None:
+) -> ConnectionResult | None:
     try:
         peer = peer_credentials(client.socket)
     except OSError:
         await client.aclose()  # gone before we could look at it
-        return
+        return None
     if not uid_allowed(peer.uid, os.getuid()):
         # ssh-agent's rule, kept even if someone loosens the socket's mode.
         log.warning("switcher.proxy.peer_refused", client_pid=peer.pid, client_uid=peer.uid)
         await client.aclose()
-        return
+        return ConnectionResult("peer_refused", 0, 0)
     try:
-        await relay_connection(client, registry=registry, connect=connect, rescan=rescan, peer=peer)
+        return await relay_connection(
+            client, registry=registry, connect=connect, rescan=rescan, peer=peer
+        )
     except Exception:
         # A bug in one connection must not take the daemon and every other
         # client down with it; log it loudly and carry on.
         log.exception("switcher.proxy.connection_crashed", client_pid=peer.pid)
+        return ConnectionResult("crashed", 0, 0)
 
 
-# When accept() fails for lack of descriptors, pause like sshd does rather
-# than spin on an error that will not clear until some connection closes.
-_ACCEPT_BACKOFF = 0.1
-_ACCEPT_BACKOFF_MAX = 1.0
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-async def _accept_loop(
-    listener: trio.SocketListener, handlers: trio.Nursery, handle: Callable[[trio.SocketStream], Awaitable[None]]
-) -> None:
-    backoff = _ACCEPT_BACKOFF
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _RESOURCE_ERRNOS:
-                raise
-            log.error("switcher.proxy.accept_failed", reason=describe_os_error(exc), pause_s=backoff)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
-            continue
-        backoff = _ACCEPT_BACKOFF
-        handlers.start_soon(handle, stream)
+@attrs.frozen
+class ProxyStatistics:
+    total: int
+    active: int
+    failovers: int
+    answered_locally: int
+    peers_refused: int
 
 
 @attrs.define(eq=False)
 class ProxyServer:
-    """Handle on the running proxy service, for graceful shutdown."""
+    """Handle on the running proxy service: statistics and graceful shutdown."""
 
     _stop: trio.Event = attrs.Factory(trio.Event)
     _stopped: trio.Event = attrs.Factory(trio.Event)
     _active: int = 0
+    _total: int = 0
+    _failovers: int = 0
+    _answered_locally: int = 0
+    _peers_refused: int = 0
+
+    def statistics(self) -> ProxyStatistics:
+        return ProxyStatistics(
+            total=self._total,
+            active=self._active,
+            failovers=self._failovers,
+            answered_locally=self._answered_locally,
+            peers_refused=self._peers_refused,
+        )
+
+    def _connection_started(self) -> None:
+        self._total += 1
+        self._active += 1
+
+    def _connection_finished(self, result: ConnectionResult | None) -> None:
+        self._active -= 1
+        if result is not None:
+            self._failovers += result.failovers
+            self._answered_locally += result.answered_locally
+            self._peers_refused += result.outcome == "peer_refused"
 
     def stop_accepting(self) -> None:
         """Close the listener, then give open connections the grace period."""
@@ -461,16 +479,17 @@ async def serve_agent_proxy(
     server = ProxyServer()
 
     async def handle(stream: trio.SocketStream) -> None:
-        server._active += 1  # noqa: SLF001
+        server._connection_started()  # noqa: SLF001
+        result = None
         try:
-            await _handle_client(stream, registry=registry, connect=connect, rescan=rescan)
+            result = await _handle_client(stream, registry=registry, connect=connect, rescan=rescan)
         finally:
-            server._active -= 1  # noqa: SLF001
+            server._connection_finished(result)  # noqa: SLF001
 
     try:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as acceptors:
-                acceptors.start_soon(_accept_loop, listener, handlers, handle)
+                acceptors.start_soon(accept_loop, listener, handlers, handle)
                 task_status.started(server)
                 await server._stop.wait()  # noqa: SLF001
                 acceptors.cancel_scope.cancel()
