@@ -2,10 +2,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
+
+from world import World
 
 
 @pytest.fixture
@@ -19,3 +23,23 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps ahead whenever every task is blocked (memory streams only)."""
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+async def world(short_tmp: Path) -> AsyncIterator[World]:
+    """An agents dir and a nursery; the test starts sessions and the daemon."""
+    agents = short_tmp / "agents"
+    agents.mkdir()
+    async with trio.open_nursery() as nursery:
+        world = World(short_tmp, agents, nursery)
+        try:
+            yield world
+        finally:
+            await world.aclose()
+            nursery.cancel_scope.cancel()

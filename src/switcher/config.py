@@ -26,3 +26,6 @@ class Config:
     log_level: str = "info"
     log_file: Path | None = None
     grace: float = DEFAULT_GRACE
+    # How often directory mtimes are checked for new sessions (not a flag:
+    # tests stretch it to take the watcher out of the picture).
+    watch_interval: float = 0.25

@@ -138,6 +138,7 @@ async def _serve(
         interval=config.probe_interval,
         probe_timeout=config.probe_timeout,
         refuse_pid=refuse_pid,
+        watch_interval=config.watch_interval,
     )
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(agent.sock))
     async with trio.open_nursery() as root:

@@ -49,7 +49,7 @@ REPLY_TIMEOUT_S = 60.0
 EXCERPT_CHARS = 60
 
 _CTL_EPILOG = """\
---json prints the daemon's replies as JSON lines (docs/control-protocol.md).
+--json output is the daemon's own, described in docs/control-protocol.md.
 
 exit status:
   0  done (watch: also after Ctrl-C or when the daemon stops)

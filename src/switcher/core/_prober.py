@@ -44,7 +44,7 @@ log = structlog.get_logger()
 # How often the watcher compares directory mtimes. Four stat() calls a
 # second on a handful of directories is nothing, and it bounds how long a
 # new session waits to be noticed well under the one-second promise.
-WATCH_INTERVAL = 0.25
+DEFAULT_WATCH_INTERVAL = 0.25
 
 # A probe that gets no answer in this time marks its backend slow, not
 # dead: ssh-agent is single-threaded, so a confirmation prompt or a
@@ -100,6 +100,7 @@ class Prober:
     interval: float = DEFAULT_PROBE_INTERVAL
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     refuse_pid: int | None = attrs.Factory(os.getpid)
+    watch_interval: float = DEFAULT_WATCH_INTERVAL
     _watched: tuple[tuple[str, int], ...] = ()
     _reported_skips: frozenset[str] = frozenset()
     _reported_errors: frozenset[str] = frozenset()
@@ -212,7 +213,7 @@ class Prober:
 
     async def _watch(self) -> None:
         while True:
-            await trio.sleep(WATCH_INTERVAL)
+            await trio.sleep(self.watch_interval)
             if watched_changed(self._watched):
                 await self.rescan()
 
