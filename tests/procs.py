@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -14,6 +15,9 @@ import attrs
 import trio
 
 SWITCHER = [sys.executable, "-m", "switcher"]
+
+# CI runs as root, and the daemon refuses root unless told otherwise.
+ALLOW_ROOT = ["--allow-root"] if os.geteuid() == 0 else []
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -54,6 +58,7 @@ async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> D
         [
             *SWITCHER,
             "daemon",
+            *ALLOW_ROOT,
             "--socket-path",
             str(socket_path),
             "--control-path",

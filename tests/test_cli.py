@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from fakes import AgentClient
-from procs import Daemon, accepts, run_cli, start_daemon
+from procs import ALLOW_ROOT, Daemon, accepts, run_cli, start_daemon
 from switcher.core import MessageType, encode
 
 
@@ -78,7 +78,7 @@ class TestSignals:
 class TestStartupRefusals:
     async def test_second_instance_exits_3(self, daemon: Daemon) -> None:
         """A second daemon on the same socket path says so and exits 3; the first keeps serving."""
-        result = run_cli("daemon", "--socket-path", str(daemon.socket_path), "--agents-dirs", "/x")
+        result = run_cli("daemon", *ALLOW_ROOT, "--socket-path", str(daemon.socket_path), "--agents-dirs", "/x")
         assert (result.returncode, result.stderr) == (
             3,
             f"switcher: another switcher is already running for {daemon.socket_path}\n",
@@ -98,7 +98,7 @@ class TestStartupRefusals:
         """A file that is not a socket is never deleted; the daemon exits 1 with the reason."""
         path = short_tmp / "s.sock"
         path.write_text("precious")
-        result = run_cli("daemon", "--socket-path", str(path), "--agents-dirs", "/x")
+        result = run_cli("daemon", *ALLOW_ROOT, "--socket-path", str(path), "--agents-dirs", "/x")
         assert (result.returncode, result.stderr) == (
             1,
             f"switcher: {path} exists and is not a socket; refusing to replace it\n",
@@ -110,7 +110,7 @@ class TestStartupRefusals:
         shared = short_tmp / "shared"
         shared.mkdir()
         shared.chmod(0o777)
-        result = run_cli("daemon", "--socket-path", str(shared / "s.sock"), "--agents-dirs", "/x")
+        result = run_cli("daemon", *ALLOW_ROOT, "--socket-path", str(shared / "s.sock"), "--agents-dirs", "/x")
         assert result.returncode == 1
         assert "writable by group or others and not sticky" in result.stderr
         assert list(shared.iterdir()) == []
@@ -126,9 +126,18 @@ class TestStartupRefusals:
     )
     def test_bad_flags_exit_2(self, args: list[str], message: str) -> None:
         """Bad flags get argparse's usage error and exit status 2."""
-        result = run_cli("daemon", *args)
+        result = run_cli("daemon", *ALLOW_ROOT, *args)
         assert result.returncode == 2
         assert message in result.stderr
+
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as root")
+    def test_refuses_root_without_allow_root(self, short_tmp: Path) -> None:
+        """As root and without --allow-root, the daemon explains and exits 1, creating nothing."""
+        result = run_cli("daemon", "--socket-path", str(short_tmp / "s.sock"), "--agents-dirs", "/x")
+        assert result.returncode == 1
+        assert result.stderr.startswith("switcher: refusing to run as root: ")
+        assert list(short_tmp.iterdir()) == []
 
 
 class TestLogs:

@@ -12,9 +12,16 @@ from switcher.cli._logging import configure_logging
 from switcher.cli._main import EXIT_ALREADY_RUNNING, EXIT_OK, EXIT_REFUSED, fail
 from switcher.config import Config, default_agents_dirs
 from switcher.daemon import run_daemon
+from switcher.hardening import disable_ptrace
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.geteuid() == 0 and not args.allow_root:
+        fail(
+            "refusing to run as root: switcher relays the agents of the user it runs as, "
+            "so run it as that user (or pass --allow-root if you mean root's own agents)"
+        )
+        return EXIT_REFUSED
     # Everything we create (sockets, log file, lock) is private by default,
     # as jmmv/ssh-agent-switcher does.
     os.umask(0o177)
@@ -32,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         fail(f"cannot open log file {config.log_file}: {exc.strerror}")
         return EXIT_REFUSED
+    disable_ptrace()
     try:
         trio.run(run_daemon, config)
     except paths.AlreadyRunningError as exc:

@@ -18,7 +18,8 @@ EXIT_ALREADY_RUNNING = 3
 _DAEMON_EPILOG = """\
 exit status:
   0  stopped cleanly (SIGINT, SIGTERM or SIGQUIT); SIGHUP never stops it
-  1  refused to start: an unsafe or unusable socket path (the reason is printed)
+  1  refused to start: an unsafe or unusable socket path, or root without
+     --allow-root (the reason is printed)
   2  bad command-line flags
   3  another switcher is already serving this socket path
 """
@@ -84,6 +85,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+    )
+    daemon.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="run even as root (root's daemon relays only root's agents; usually a mistake)",
     )
     daemon.add_argument(
         "--probe-interval",
