@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         log_file=args.log_file,
     )
     try:
-        log_stream = configure_logging(config.log_level, config.log_file)
+        log_sink = configure_logging(config.log_level, config.log_file)
     except OSError as exc:
         fail(f"cannot open log file {config.log_file}: {exc.strerror}")
         return EXIT_REFUSED
@@ -52,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
         # A second Ctrl-C while shutting down: already handled, just leave.
         pass
     finally:
-        log_stream.flush()
+        log_sink.close()
     return EXIT_OK

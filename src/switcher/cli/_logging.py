@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import sys
+import os
 from pathlib import Path
-from typing import TextIO
 
 import structlog
 
@@ -17,10 +16,55 @@ _LEVELS = {
 }
 
 
-def configure_logging(level: str, log_file: Path | None) -> TextIO:
+class LogSink:
+    """Where JSON lines go: a file opened for appending, or stderr.
+
+    Logging must never take the daemon down: a full disk, a removed log
+    directory or a closed stderr drops lines (counted in ``dropped``) instead
+    of raising into the code that logged. Each line is one ``write(2)`` on an
+    ``O_APPEND`` descriptor, so lines from concurrent writers never interleave
+    and a reader (``tail -f``) never sees half an event.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.dropped = 0
+        self._fd = self._open() if path is not None else 2
+
+    def _open(self) -> int:
+        assert self.path is not None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return os.open(self.path, flags, 0o600)
+
+    def reopen(self) -> None:
+        """Start a new file at the same path (after logrotate moved the old one)."""
+        if self.path is None:
+            return
+        fd = self._open()
+        old, self._fd = self._fd, fd
+        os.close(old)
+
+    def close(self) -> None:
+        if self.path is not None:
+            os.close(self._fd)
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "backslashreplace")
+        try:
+            written = os.write(self._fd, data)
+        except OSError:
+            self.dropped += 1
+            return
+        if written != len(data):  # a short write: the disk filled mid-line
+            self.dropped += 1
+
+    # structlog calls the method named after the event's level.
+    debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def configure_logging(level: str, log_file: Path | None) -> LogSink:
     """Send JSON lines at ``level`` and above to ``log_file`` (appending) or stderr."""
-    # Line-buffered: each event reaches the file whole, at once, for `tail -f`.
-    stream = log_file.open("a", buffering=1, encoding="utf-8") if log_file else sys.stderr
+    sink = LogSink(log_file)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -30,7 +74,7 @@ def configure_logging(level: str, log_file: Path | None) -> TextIO:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(stream),
+        logger_factory=lambda *_args: sink,
         cache_logger_on_first_use=True,
     )
-    return stream
+    return sink

@@ -42,7 +42,7 @@ class LineFramer:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_line(self) -> bytes | None:

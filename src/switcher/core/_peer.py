@@ -35,6 +35,10 @@ def uid_allowed(uid: int, own_uid: int) -> bool:
     return uid in (0, own_uid)
 
 
+class LocalResourceError(Exception):
+    """We could not even try a backend (out of descriptors or memory): not its fault."""
+
+
 class BackendUnavailableError(Exception):
     """A backend could not be used; the message is a short reason for logs and ``ctl list``."""
 
@@ -53,7 +57,10 @@ async def open_backend(path: str, *, refuse_pid: int | None) -> trio.SocketStrea
     ``refuse_pid`` (the daemon passes its own pid: relaying to ourselves
     would loop forever; tests serving fake agents in-process pass None).
     """
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise LocalResourceError(describe_os_error(exc)) from None
     try:
         with trio.move_on_after(CONNECT_TIMEOUT) as scope:
             await sock.connect(path)

@@ -21,7 +21,12 @@ import structlog
 import trio
 
 from switcher.core._discovery import ScanResult, ScanSettings, host_hash, scan, watched_changed
-from switcher.core._peer import BackendUnavailableError, describe_os_error, open_backend
+from switcher.core._peer import (
+    BackendUnavailableError,
+    LocalResourceError,
+    describe_os_error,
+    open_backend,
+)
 from switcher.core._protocol import (
     REQUEST_IDENTITIES_FRAME,
     FrameDecoder,
@@ -180,7 +185,12 @@ class Prober:
 
     async def _probe_one(self, backend: Backend) -> HealthChange | None:
         with trio.move_on_after(self.probe_timeout) as scope:
-            result = await probe(backend.path, refuse_pid=self.refuse_pid)
+            try:
+                result = await probe(backend.path, refuse_pid=self.refuse_pid)
+            except LocalResourceError as exc:
+                # Our own shortage says nothing about the backend: keep its health.
+                log.warning("switcher.prober.no_resources", backend=backend.id, reason=str(exc))
+                return None
         if scope.cancelled_caught:
             result = ProbeResult(
                 Health.SLOW,

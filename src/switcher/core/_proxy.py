@@ -26,6 +26,7 @@ import trio
 
 from switcher.core._peer import (
     BackendUnavailableError,
+    LocalResourceError,
     PeerCredentials,
     describe_os_error,
     open_backend,
@@ -212,6 +213,11 @@ class _Connection:
                 tried.add(backend.id)
                 try:
                     return backend, await self.connect(backend)
+                except LocalResourceError as exc:
+                    # Out of descriptors: no backend is to blame, and trying
+                    # the others would fail the same way. Answer FAILURE.
+                    log.error("switcher.proxy.no_resources", reason=str(exc))
+                    return None, None
                 except BackendUnavailableError as exc:
                     self.registry.record_failure(backend.id, str(exc))
                     log.warning(
