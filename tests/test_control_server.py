@@ -130,9 +130,9 @@ class TestCommands:
             pinned = await client.call({**V1, "cmd": "prefer", "id": old[:5]})
             listed = await client.call({**V1, "cmd": "list"})
             cleared = await client.call({**V1, "cmd": "prefer", "clear": True})
-        assert pinned == {"ok": True, "pinned": old, "choice": old}
+        assert pinned == {"ok": True, "pinned": old, "path": "/a/old", "choice": old}
         assert [(b["id"], b["reason"]) for b in listed["backends"]][0] == (old, "pinned")
-        assert cleared == {"ok": True, "pinned": None, "choice": new}
+        assert cleared == {"ok": True, "pinned": None, "path": None, "choice": new}
 
     async def test_prefer_only_accepts_known_backends(self, service: Service) -> None:
         """A path that is not in the registry cannot be pinned."""
@@ -279,6 +279,7 @@ class TestThroughTheDaemon:
             [b["path"] for b in reply["removed"]],
             [(c["from"], c["to"]) for c in reply["health_changes"]],
         ) == ([str(fresh_path)], [str(gone_path)], [("unknown", "healthy")])
+        assert reply["removed"][0]["reason"] == "removed: its socket is gone"
         assert reply["added"][0]["id"] == reply["choice"]
 
     async def test_watch_delivers_a_choice_change(self, world: World) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
@@ -26,12 +26,18 @@ import trio
 from fakes import make_socket_file
 from procs import SWITCHER, run_cli
 from switcher import __version__, paths
-from switcher.cli import _ctl
+from switcher.cli import _ctl, main
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # Every test that runs the client waits at most this long for it.
 HANG_GUARD_S = 20
+# The client must flush its own output; PYTHONUNBUFFERED in the test runner's
+# environment would hide a missing flush.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
-WatchScript = Callable[[trio.SocketStream], Awaitable[None]]
+Script = Callable[[trio.SocketStream], Awaitable[None]]
 
 
 def line(value: object) -> bytes:
@@ -62,13 +68,14 @@ class FakeControl:
     """A control server that answers each command with a canned line.
 
     ``replies`` maps a command to the raw bytes sent back (None: close without
-    replying; bytes without a final newline: close after them); ``watch`` takes over the connection for a ``watch`` request;
+    replying; bytes without a final newline: close after them); ``scripts``
+    maps a command to a function that takes over the connection instead;
     ``requests`` records every request received, parsed.
     """
 
     path: Path
     replies: dict[str, bytes | None] = attrs.Factory(dict)
-    watch: WatchScript | None = None
+    scripts: dict[str, Script] = attrs.Factory(dict)
     requests: list[Any] = attrs.Factory(list)
 
     async def serve(
@@ -77,7 +84,9 @@ class FakeControl:
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         await sock.bind(str(self.path))
         sock.listen(8)
-        await trio.serve_listeners(self.handle, [trio.SocketListener(sock)], task_status=task_status)
+        await trio.serve_listeners(
+            self.handle, [trio.SocketListener(sock)], task_status=task_status
+        )
 
     async def handle(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -85,8 +94,9 @@ class FakeControl:
             while (request_line := await reader.line()) is not None:
                 request = json.loads(request_line)
                 self.requests.append(request)
-                if request["cmd"] == "watch" and self.watch is not None:
-                    await self.watch(stream)
+                script = self.scripts.get(request["cmd"])
+                if script is not None:
+                    await script(stream)
                     return
                 reply = self.replies.get(request["cmd"])
                 if reply is None:
@@ -106,7 +116,7 @@ async def control(short_tmp: Path, nursery: trio.Nursery) -> FakeControl:
 @contextlib.asynccontextmanager
 async def running(*args: str, **options: Any) -> AsyncIterator[trio.Process]:
     """``switcher ARGS`` as a child process, killed on the way out if still running."""
-    process = await trio.lowlevel.open_process([*SWITCHER, *args], **options)
+    process = await trio.lowlevel.open_process([*SWITCHER, *args], env=CHILD_ENV, **options)
     try:
         yield process
     finally:
@@ -124,6 +134,7 @@ async def ctl(path: Path, *args: str) -> tuple[int, str, str]:
             capture_stdout=True,
             capture_stderr=True,
             check=False,
+            env=CHILD_ENV,
         )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
@@ -183,7 +194,12 @@ def backends(now: float) -> list[dict[str, Any]]:
 
 
 def list_reply() -> dict[str, Any]:
-    return {"ok": True, "choice": "6aa7bfd3", "pinned": "6aa7bfd3", "backends": backends(time.time())}
+    return {
+        "ok": True,
+        "choice": "6aa7bfd3",
+        "pinned": "6aa7bfd3",
+        "backends": backends(time.time()),
+    }
 
 
 STATUS_REPLY: dict[str, Any] = {
@@ -202,7 +218,13 @@ STATUS_REPLY: dict[str, Any] = {
 }
 PREFER_REPLY = {"ok": True, "pinned": "6aa7bfd3", "choice": "6aa7bfd3"}
 CLEAR_REPLY = {"ok": True, "pinned": None, "choice": "6aa7bfd3"}
-REFRESH_NOTHING = {"ok": True, "added": [], "removed": [], "health_changes": [], "choice": "6aa7bfd3"}
+REFRESH_NOTHING = {
+    "ok": True,
+    "added": [],
+    "removed": [],
+    "health_changes": [],
+    "choice": "6aa7bfd3",
+}
 WATCHING = {"ok": True, "watching": True, "choice": "6aa7bfd3"}
 NOT_FOUND = {"ok": False, "error": {"code": "not_found", "message": "no backend matches 'zz'"}}
 
@@ -227,7 +249,10 @@ class TestRequests:
             (["--json", "prefer", "6aa7"], [{"v": 1, "cmd": "prefer", "id": "6aa7"}]),
             (
                 ["prefer", "/tmp/ssh-AbCd/agent.4242"],
-                [{"v": 1, "cmd": "prefer", "id": "/tmp/ssh-AbCd/agent.4242"}, {"v": 1, "cmd": "list"}],
+                [
+                    {"v": 1, "cmd": "prefer", "id": "/tmp/ssh-AbCd/agent.4242"},
+                    {"v": 1, "cmd": "list"},
+                ],
             ),
         ],
     )
@@ -252,21 +277,23 @@ class TestHumanOutput:
         canned(control)
         assert await ctl(control.path, "list") == (
             0,
-            "  ID        HEALTH   KEYS  LATENCY  AGE  SERVED/FAILED  PATH"
-            "                            REASON\n"
-            "* 6aa7bfd3  healthy     2    0.7ms   3m  14/0           /tmp/ssh-AbCd/agent.4242"
-            "        pinned\n"
-            "  9f8e7d6c  slow       11   2150ms   3h  120/1          /tmp/ssh-QqQq/agent.77"
-            "          slow\n"
-            "  0c1d2e3f  unknown     -        -   2d  0/3            /home/me/.ssh/agent/s.x.sshd.y"
-            "  unknown: not probed yet\n"
-            "pinned: 6aa7bfd3\n",
+            (
+                "  ID        HEALTH   KEYS  LATENCY  AGE  SERVED/FAILED  PATH"
+                "                            REASON\n"
+                "* 6aa7bfd3  healthy     2    0.7ms   3m  14/0           /tmp/ssh-AbCd/agent.4242"
+                "        pinned\n"
+                "  9f8e7d6c  slow       11   2150ms   3h  120/1          /tmp/ssh-QqQq/agent.77"
+                "          slow\n"
+                "  0c1d2e3f  unknown     -        -   2d  0/3            "
+                "/home/me/.ssh/agent/s.x.sshd.y  unknown: not probed yet\n"
+                "pinned: 6aa7bfd3\n"
+            ),
             "",
         )
 
     async def test_list_with_no_backends_says_so(self, control: FakeControl) -> None:
         """An empty registry is one plain sentence, not an empty table."""
-        empty = {"ok": True, "choice": None, "pinned": None, "backends": []}
+        empty: dict[str, Any] = {"ok": True, "choice": None, "pinned": None, "backends": []}
         control.replies["list"] = line(empty)
         assert await ctl(control.path, "list") == (0, "no forwarded agents found\n", "")
 
@@ -283,17 +310,19 @@ class TestHumanOutput:
         control.replies["status"] = line(STATUS_REPLY)
         assert await ctl(control.path, "status") == (
             0,
-            "pid: 4242\n"
-            f"version: {__version__}\n"
-            "uptime: 1h 2m\n"
-            "socket_path: /tmp/switcher-1000/agent.sock\n"
-            "control_path: /tmp/switcher-1000/control.sock\n"
-            "agents_dirs: /home/me/.ssh/agent, /tmp\n"
-            "backends: 2\n"
-            "healthy: 1\n"
-            "pinned: none\n"
-            "choice: 6aa7bfd3\n"
-            "connections: total=120 active=1 failovers=2 answered_locally=0\n",
+            (
+                "pid: 4242\n"
+                f"version: {__version__}\n"
+                "uptime: 1h 2m\n"
+                "socket_path: /tmp/switcher-1000/agent.sock\n"
+                "control_path: /tmp/switcher-1000/control.sock\n"
+                "agents_dirs: /home/me/.ssh/agent, /tmp\n"
+                "backends: 2\n"
+                "healthy: 1\n"
+                "pinned: none\n"
+                "choice: 6aa7bfd3\n"
+                "connections: total=120 active=1 failovers=2 answered_locally=0\n"
+            ),
             "",
         )
 
@@ -327,8 +356,10 @@ class TestHumanOutput:
         )
         assert await ctl(control.path, "prefer", "0c1d") == (
             0,
-            "pinned 0c1d2e3f (/home/me/.ssh/agent/s.x.sshd.y)\n"
-            "it is dead, so new connections use 6aa7bfd3 until it recovers\n",
+            (
+                "pinned 0c1d2e3f (/home/me/.ssh/agent/s.x.sshd.y)\n"
+                "it is dead, so new connections use 6aa7bfd3 until it recovers\n"
+            ),
             "",
         )
 
@@ -359,10 +390,12 @@ class TestHumanOutput:
         control.replies["refresh"] = line(reply)
         assert await ctl(control.path, "refresh") == (
             0,
-            "added 6aa7bfd3 (healthy) /tmp/ssh-AbCd/agent.4242\n"
-            "removed 9f8e7d6c /tmp/ssh-QqQq/agent.77\n"
-            "0c1d2e3f: healthy -> dead\n"
-            "choice: none\n",
+            (
+                "added 6aa7bfd3 (healthy) /tmp/ssh-AbCd/agent.4242\n"
+                "removed 9f8e7d6c /tmp/ssh-QqQq/agent.77\n"
+                "0c1d2e3f: healthy -> dead\n"
+                "choice: none\n"
+            ),
             "",
         )
 
@@ -394,13 +427,57 @@ class TestJsonOutput:
 
 
 class TestFailures:
-    @pytest.mark.parametrize("args", [["list"], ["status"], ["refresh"], ["watch"], ["prefer", "zz"]])
+    @pytest.mark.parametrize(
+        "args", [["list"], ["status"], ["refresh"], ["watch"], ["prefer", "zz"]]
+    )
     async def test_an_error_reply_exits_1_with_its_message(
         self, control: FakeControl, args: list[str]
     ) -> None:
         """A `{"ok": false}` reply prints the daemon's message to stderr and exits 1."""
         control.replies[args[0]] = line(NOT_FOUND)
         assert await ctl(control.path, *args) == (1, "", "switcher: no backend matches 'zz'\n")
+
+    async def test_an_error_with_only_a_code_prints_the_code(self, control: FakeControl) -> None:
+        """An error reply without a message still says something: its code."""
+        control.replies["list"] = line({"ok": False, "error": {"code": "busy"}})
+        assert await ctl(control.path, "list") == (1, "", "switcher: busy\n")
+
+    async def test_a_daemon_that_refuses_before_reading_is_heard(
+        self, short_tmp: Path, nursery: trio.Nursery
+    ) -> None:
+        """A daemon that says `busy` and hangs up unread is still heard: its message, exit 1."""
+        busy = {"ok": False, "error": {"code": "busy", "message": "too many control connections"}}
+
+        async def refuse(stream: trio.SocketStream) -> None:
+            async with stream:
+                await stream.send_all(line(busy))
+
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(str(short_tmp / "c.sock"))
+        sock.listen(8)
+        await nursery.start(trio.serve_listeners, refuse, [trio.SocketListener(sock)])
+        assert await ctl(short_tmp / "c.sock", "status") == (
+            1,
+            "",
+            "switcher: too many control connections\n",
+        )
+
+    async def test_an_endless_line_is_cut_off_at_the_limit(self, control: FakeControl) -> None:
+        """A reply line longer than the client's limit is refused, not read into memory forever."""
+
+        async def endless(stream: trio.SocketStream) -> None:
+            await stream.send_all(b"x" * (_ctl.MAX_REPLY_BYTES + 1))
+            await trio.sleep_forever()
+
+        control.scripts["watch"] = endless
+        assert await ctl(control.path, "watch") == (
+            1,
+            "",
+            (
+                f"switcher: the daemon at {control.path} sent a line longer than "
+                f"{_ctl.MAX_REPLY_BYTES} bytes\n"
+            ),
+        )
 
     async def test_an_error_reply_with_json_is_printed_too(self, control: FakeControl) -> None:
         """With --json an error reply still goes to stdout, for scripts, and the status is 1."""
@@ -436,8 +513,8 @@ class TestFailures:
 
     @pytest.mark.parametrize(
         "reply",
-        [{"ok": True}, {"backends": []}, {"ok": False}],
-        ids=["missing-field", "missing-ok", "error-without-detail"],
+        [{"ok": True}, {"backends": []}, {"ok": False}, {"ok": False, "error": {"code": 7}}],
+        ids=["missing-field", "missing-ok", "error-without-detail", "error-of-wrong-type"],
     )
     async def test_a_reply_of_the_wrong_shape_exits_1_without_a_traceback(
         self, control: FakeControl, reply: dict[str, Any]
@@ -454,26 +531,44 @@ class TestFailures:
         assert (result.returncode, result.stdout, result.stderr[:6]) == (2, "", "usage:")
 
 
+def no_daemon(path: Path) -> str:
+    return (
+        f"switcher: no daemon at {path} (start one with: switcher daemon --control-path {path})\n"
+    )
+
+
 class TestNoDaemon:
     def test_a_missing_socket_exits_3(self, short_tmp: Path) -> None:
         """Nothing at the control path: exit 3, naming the path and how to start a daemon."""
         path = short_tmp / "c.sock"
         result = run_cli("ctl", "--control-path", str(path), "status")
-        assert (result.returncode, result.stdout, result.stderr) == (
-            3,
-            "",
-            f"switcher: no daemon at {path} (start one with: switcher daemon --control-path {path})\n",
-        )
+        assert (result.returncode, result.stdout, result.stderr) == (3, "", no_daemon(path))
 
     def test_a_stale_socket_exits_3(self, short_tmp: Path) -> None:
         """A socket file nobody listens on (a dead daemon's) is "no daemon" too, exit 3."""
         path = short_tmp / "c.sock"
         make_socket_file(str(path))
         result = run_cli("ctl", "--control-path", str(path), "list", "--json")
-        assert (result.returncode, result.stdout, result.stderr) == (
-            3,
-            "",
-            f"switcher: no daemon at {path} (start one with: switcher daemon --control-path {path})\n",
+        assert (result.returncode, result.stdout, result.stderr) == (3, "", no_daemon(path))
+
+    def test_an_unusable_path_exits_1_with_the_reason(self) -> None:
+        """A path no socket can have (too long) is not "no daemon": exit 1 and why."""
+        path = "/tmp/" + "x" * 200
+        result = run_cli("ctl", "--control-path", path, "list")
+        assert (result.returncode, result.stderr) == (
+            1,
+            f"switcher: cannot connect to {path}: AF_UNIX path too long\n",
+        )
+
+    @pytest.mark.parametrize(
+        "error", [TimeoutError("timed out"), BlockingIOError(errno.EAGAIN, "try again")]
+    )
+    def test_a_full_backlog_is_not_no_daemon(self, short_tmp: Path, error: OSError) -> None:
+        """A connect that times out or gets EAGAIN means a daemon too busy to accept: exit 1."""
+        failure = _ctl._connect_error(short_tmp, error)
+        assert (str(failure), failure.status) == (
+            f"the daemon at {short_tmp} is not accepting connections",
+            1,
         )
 
     def test_the_default_path_suggests_the_plain_command(self) -> None:
@@ -483,6 +578,56 @@ class TestNoDaemon:
         assert (str(error), error.status) == (
             f"no daemon at {path} (start one with: switcher daemon)",
             3,
+        )
+
+
+class TestTimeouts:
+    """In-process, with the client's reply timeout shortened, in a worker thread."""
+
+    async def test_a_silent_daemon_times_out(
+        self,
+        control: FakeControl,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A daemon that never answers a request: one line naming the timeout, exit 1."""
+        monkeypatch.setattr(_ctl, "REPLY_TIMEOUT_S", 0.2)
+
+        async def silent(_stream: trio.SocketStream) -> None:
+            await trio.sleep_forever()
+
+        control.scripts["watch"] = silent
+        with trio.fail_after(HANG_GUARD_S):
+            status = await trio.to_thread.run_sync(
+                main, ["ctl", "--control-path", str(control.path), "watch"]
+            )
+        assert (status, capsys.readouterr().err) == (
+            1,
+            f"switcher: the daemon at {control.path} did not reply within 0.2 s\n",
+        )
+
+    async def test_watch_events_may_be_far_apart(
+        self,
+        control: FakeControl,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The reply timeout covers the first watch reply only, never the wait for events."""
+        monkeypatch.setattr(_ctl, "REPLY_TIMEOUT_S", 0.2)
+
+        async def slow(stream: trio.SocketStream) -> None:
+            await stream.send_all(line(WATCHING))
+            await trio.sleep(1)
+            await stream.send_all(line({"event": "pin_changed", "pinned": "0c1d2e3f"}))
+
+        control.scripts["watch"] = slow
+        with trio.fail_after(HANG_GUARD_S):
+            status = await trio.to_thread.run_sync(
+                main, ["ctl", "--control-path", str(control.path), "watch", "--json"]
+            )
+        assert (status, capsys.readouterr()) == (
+            0,
+            (line(WATCHING).decode() + '{"event": "pin_changed", "pinned": "0c1d2e3f"}\n', ""),
         )
 
 
@@ -508,7 +653,7 @@ class TestWatch:
                 + line({"event": "future_thing", "n": 1})
             )
 
-        control.watch = script
+        control.scripts["watch"] = script
         with trio.fail_after(HANG_GUARD_S):
             async with running(
                 "ctl", "--control-path", str(control.path), "watch", stdout=subprocess.PIPE
@@ -541,7 +686,7 @@ class TestWatch:
         async def script(stream: trio.SocketStream) -> None:
             await stream.send_all(sent)
 
-        control.watch = script
+        control.scripts["watch"] = script
         assert await ctl(control.path, "watch", "--json") == (0, sent.decode(), "")
 
     async def test_an_error_line_mid_watch_exits_1(self, control: FakeControl) -> None:
@@ -550,13 +695,64 @@ class TestWatch:
         async def script(stream: trio.SocketStream) -> None:
             await stream.send_all(line(WATCHING) + line(NOT_FOUND))
 
-        control.watch = script
+        control.scripts["watch"] = script
         status, stdout, stderr = await ctl(control.path, "watch")
         assert (status, STAMP.sub(b"", stdout.encode()), stderr) == (
             1,
             b"watching; choice 6aa7bfd3\n",
             "switcher: no backend matches 'zz'\n",
         )
+
+    async def test_a_reader_that_goes_away_ends_the_watch_quietly(
+        self, control: FakeControl
+    ) -> None:
+        """When the pipe's reader exits (`watch | head -1`), the next event ends watch with 0."""
+        reader_gone = trio.Event()
+
+        async def script(stream: trio.SocketStream) -> None:
+            await stream.send_all(line(WATCHING))
+            await reader_gone.wait()
+            await stream.send_all(line({"event": "pin_changed", "pinned": None}))
+            await trio.sleep_forever()
+
+        control.scripts["watch"] = script
+        with trio.fail_after(HANG_GUARD_S):
+            async with running(
+                "ctl",
+                "--control-path",
+                str(control.path),
+                "watch",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ) as process:
+                assert process.stdout is not None
+                assert process.stderr is not None
+                assert await LineReader(process.stdout).line() is not None
+                await process.stdout.aclose()
+                reader_gone.set()
+                assert await process.wait() == 0
+                assert await process.stderr.receive_some() == b""
+
+    async def test_ctrl_c_elsewhere_exits_130_without_a_traceback(
+        self, control: FakeControl
+    ) -> None:
+        """SIGINT while waiting for any other reply exits 130 (the shell's Ctrl-C), quietly."""
+        asked = trio.Event()
+
+        async def stall(_stream: trio.SocketStream) -> None:
+            asked.set()
+            await trio.sleep_forever()
+
+        control.scripts["refresh"] = stall
+        with trio.fail_after(HANG_GUARD_S):
+            async with running(
+                "ctl", "--control-path", str(control.path), "refresh", stderr=subprocess.PIPE
+            ) as process:
+                assert process.stderr is not None
+                await asked.wait()
+                process.send_signal(signal.SIGINT)
+                assert await process.wait() == 130
+                assert await process.stderr.receive_some() == b""
 
     async def test_ctrl_c_exits_0_without_a_traceback(self, control: FakeControl) -> None:
         """SIGINT while watching ends the client with status 0 and nothing on stderr."""
@@ -565,7 +761,7 @@ class TestWatch:
             await stream.send_all(line(WATCHING))
             await trio.sleep_forever()
 
-        control.watch = script
+        control.scripts["watch"] = script
         with trio.fail_after(HANG_GUARD_S):
             async with running(
                 "ctl",
@@ -609,8 +805,17 @@ class TestStartup:
 class TestFormatting:
     @pytest.mark.parametrize(
         ("seconds", "text"),
-        [(-3, "0s"), (0, "0s"), (59.9, "59s"), (60, "1m"), (3599, "59m"), (3600, "1h")]
-        + [(86399, "23h"), (86400, "1d"), (40 * 86400, "40d")],
+        [
+            (-3, "0s"),
+            (0, "0s"),
+            (59.9, "59s"),
+            (60, "1m"),
+            (3599, "59m"),
+            (3600, "1h"),
+            (86399, "23h"),
+            (86400, "1d"),
+            (40 * 86400, "40d"),
+        ],
     )
     def test_age_is_the_largest_whole_unit(self, seconds: float, text: str) -> None:
         """AGE rounds down to the largest whole unit, and clock skew shows as 0s."""

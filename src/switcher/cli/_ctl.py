@@ -16,15 +16,22 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
 
 from switcher import __version__, paths
 
+# Not `from typing import TYPE_CHECKING`: importing typing costs `switcher ctl`
+# a few milliseconds of its start-up (benchmarks/startup.py), and mypy and
+# ruff recognise the name alone.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from types import TracebackType
+    from typing import Any, Self
+
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001
+    # A JSON object as the daemon sent it (docs/control-protocol.md).
+    Reply = dict[str, Any]
 
 # Exit codes of `switcher ctl`, listed in its --help.
 EXIT_OK = 0
@@ -57,8 +64,6 @@ exit status:
   2  bad command-line flags
   3  no daemon listens on the control path
 """
-
-Reply = dict[str, Any]
 
 
 class CtlError(Exception):
@@ -511,7 +516,7 @@ def format_latency(ms: float | None) -> str:
     return f"{ms:.1f}ms" if ms < 10 else f"{ms:.0f}ms"
 
 
-def _align(rows: list[tuple[str, ...]], right_aligned: frozenset[int]) -> list[str]:
+def _align(rows: Sequence[tuple[str, ...]], right_aligned: frozenset[int]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(
@@ -535,8 +540,6 @@ def _status_value(value: object) -> str:
         return ", ".join(_status_value(v) for v in value)
     if isinstance(value, dict):
         return " ".join(f"{k}={_status_value(v)}" for k, v in value.items())
-    if isinstance(value, bool):
-        return "yes" if value else "no"
     return str(value)
 
 

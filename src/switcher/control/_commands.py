@@ -15,6 +15,8 @@ from switcher.control._protocol import ControlError
 
 def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
     """Why ``backend`` sits where it does in the ranking, in a few words."""
+    if snapshot.find(backend.id) is None:
+        return "removed: its socket is gone"
     pinned = backend.id == snapshot.pinned
     if backend.health is Health.DEAD:
         reason = f"dead: {backend.last_error or 'unreachable'}"
@@ -82,12 +84,15 @@ def resolve(snapshot: Snapshot, target: str) -> Backend:
 
 
 def prefer(registry: Registry, target: str | None) -> dict[str, Any]:
+    path = None
     if target is None:
         registry.pin(None)
     else:
-        registry.pin(resolve(registry.snapshot(), target).id)
+        backend = resolve(registry.snapshot(), target)
+        registry.pin(backend.id)
+        path = backend.path
     snapshot = registry.snapshot()
-    return {"ok": True, "pinned": snapshot.pinned, "choice": choice_id(snapshot)}
+    return {"ok": True, "pinned": snapshot.pinned, "path": path, "choice": choice_id(snapshot)}
 
 
 def refresh_reply(report: RefreshReport, snapshot: Snapshot) -> dict[str, Any]:

@@ -20,7 +20,7 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 
 
 async def accept_loop(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     handlers: trio.Nursery,
     handle: Callable[[trio.SocketStream], Awaitable[object]],
 ) -> None:

@@ -10,11 +10,15 @@ import struct
 import attrs
 import trio
 
+from switcher.core._fastsocket import FastSocketStream
+
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # A backend whose listen backlog is full is wedged; waiting longer than this
 # for connect() only delays failover to a working one.
 CONNECT_TIMEOUT = 2.0
+# How often a connect to a full backlog is retried within that time.
+_BACKLOG_RETRY = 0.01
 
 
 @attrs.frozen
@@ -50,7 +54,7 @@ def describe_os_error(exc: OSError) -> str:
     return type(exc).__name__
 
 
-async def open_backend(path: str, *, refuse_pid: int | None) -> trio.SocketStream:
+async def open_backend(path: str, *, refuse_pid: int | None) -> FastSocketStream:
     """Connect to a backend agent socket and make sure it is not an impostor.
 
     The listener must belong to our user (or root), and must not be
@@ -58,14 +62,12 @@ async def open_backend(path: str, *, refuse_pid: int | None) -> trio.SocketStrea
     would loop forever; tests serving fake agents in-process pass None).
     """
     try:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
         raise LocalResourceError(describe_os_error(exc)) from None
     try:
-        with trio.move_on_after(CONNECT_TIMEOUT) as scope:
-            await sock.connect(path)
-        if scope.cancelled_caught:
-            raise BackendUnavailableError("connect timed out")
+        sock.setblocking(False)
+        await _connect(sock, path)
         peer = peer_credentials(sock)
     except OSError as exc:
         sock.close()
@@ -81,4 +83,24 @@ async def open_backend(path: str, *, refuse_pid: int | None) -> trio.SocketStrea
     if peer.pid == refuse_pid:
         sock.close()
         raise BackendUnavailableError("listener is switcher itself")
-    return trio.SocketStream(sock)
+    return FastSocketStream(sock)
+
+
+async def _connect(sock: socket.socket, path: str) -> None:
+    """Connect a non-blocking Unix socket.
+
+    A Unix connect either completes at once or fails at once, except when
+    the listener's backlog is full (EAGAIN): then the listener is busy or
+    wedged, and we retry briefly before giving up on it.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    deadline = trio.current_time() + CONNECT_TIMEOUT
+    while True:
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            if trio.current_time() >= deadline:
+                raise BackendUnavailableError("listen backlog full") from None
+            await trio.sleep(_BACKLOG_RETRY)
+        else:
+            return

@@ -18,7 +18,6 @@ import collections
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 import attrs
 import structlog
@@ -34,6 +33,7 @@ from switcher.core._peer import (
     uid_allowed,
 )
 from switcher.core._accept import accept_loop
+from switcher.core._fastsocket import FastSocketStream
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
 from switcher.core._registry import Backend, Registry
 
@@ -71,22 +71,31 @@ class _Finished(Exception):
 
 @attrs.define(eq=False)
 class _Connection:
-    """The state of one client connection through the proxy."""
+    """The state of one client connection through the proxy.
+
+    It runs in lockstep, as the agent protocol does: take the requests the
+    client has sent, forward them, deliver every reply, then read again.
+    ssh-agent answers each connection strictly in order, so while replies
+    are owed there is nothing to read from the client that could not wait
+    in its socket buffer, and one task per connection is enough.
+    """
 
     client: trio.abc.Stream
     registry: Registry
     connect: Connector
     rescan: Rescan
     decoder: FrameDecoder = attrs.Factory(FrameDecoder)
-    # Requests not yet answered by the current backend, oldest first.
+    upstream: trio.abc.Stream | None = None
+    upstream_decoder: FrameDecoder = attrs.Factory(FrameDecoder)
+    # Requests not yet answered, oldest first (their type bytes).
     outstanding: collections.deque[int] = attrs.Factory(collections.deque)
+    # Requests received but not yet sent to the current backend.
+    unsent: list[bytes] = attrs.Factory(list)
     # Every request since the start, while no reply has reached the client;
     # None once one has (committed) or once it grew past the replay limit.
-    replay: list[Frame] | None = attrs.Factory(list)
+    replay: list[bytes] | None = attrs.Factory(list)
     replay_bytes: int = 0
     committed: bool = False
-    client_eof: bool = False
-    all_answered: trio.Event = attrs.Factory(trio.Event)
     backend: Backend | None = None
     # What we log: counts and sizes only, never contents.
     request_types: collections.Counter[str] = attrs.Factory(collections.Counter)
@@ -110,35 +119,21 @@ class _Connection:
 
     async def run(self) -> str:
         """Serve the client until it or the conversation ends; return the outcome."""
-        if not await self._read_first_request():
-            return "closed_idle"
-        tried: set[str] = set()
-        while True:
-            backend, upstream = await self._connect_best(tried)
-            if upstream is None:
-                await self._answer_locally()
-                tried.clear()
-                if not await self._read_first_request():
-                    return "no_backend"
-                continue
-            assert backend is not None
-            self.backend = backend
-            try:
-                return await self._relay(upstream)
-            except _Lost as lost:
-                # Nothing reached the client yet: it will never know.
-                self.registry.record_failure(backend.id, lost.reason)
-                self.registry.record_traffic(backend.id, served=0, failed=len(self.outstanding))
-                log.warning(
-                    "switcher.proxy.failover",
-                    backend=backend.id,
-                    reason=lost.reason,
-                    replayed=len(self.outstanding),
-                )
-                self.failovers += 1
-            finally:
+        try:
+            while (frames := await self._next_client_frames()) is not None:
+                for frame in frames:
+                    self._take_request(frame)
+                await self._answer_all()
+        finally:
+            if self.upstream is not None:
                 with trio.CancelScope(shield=True):
-                    await upstream.aclose()
+                    await self.upstream.aclose()
+        # The client closed its side with every request answered: a
+        # half-closed client got its replies first, since ssh-agent itself
+        # drops a half-closed client without answering.
+        if not self.request_types:
+            return "closed_idle"
+        return "ok" if self.served else "no_backend"
 
     # -- the client side -------------------------------------------------
 
@@ -167,32 +162,13 @@ class _Connection:
     def _take_request(self, frame: Frame) -> None:
         self.request_types[type_name(frame.type)] += 1
         self.outstanding.append(frame.type)
+        self.unsent.append(frame.raw)
         if self.replay is not None:
             self.replay_bytes += len(frame.raw)
             if self.replay_bytes > _REPLAY_LIMIT_BYTES:
                 self.replay = None
             else:
-                self.replay.append(frame)
-
-    async def _read_first_request(self) -> bool:
-        """Before there is a backend, wait for a request; False if the client left."""
-        frames = await self._next_client_frames()
-        if frames is None:
-            self.client_eof = True
-            return False
-        for frame in frames:
-            self._take_request(frame)
-        return True
-
-    async def _answer_locally(self) -> None:
-        """No backend at all: fail every waiting request at once, so clients don't hang."""
-        count = len(self.outstanding)
-        self.outstanding.clear()
-        self.answered_locally += count
-        if self.replay is not None:
-            self.replay.clear()
-            self.replay_bytes = 0
-        await self._send_client(FAILURE_FRAME * count)
+                self.replay.append(frame.raw)
 
     async def _send_client(self, data: bytes) -> None:
         try:
@@ -201,100 +177,41 @@ class _Connection:
             raise _Finished("client_vanished") from None
         self.bytes_out += len(data)
 
-    # -- choosing a backend ----------------------------------------------
+    # -- one exchange --------------------------------------------------------
 
-    async def _connect_best(self, tried: set[str]) -> tuple[Backend | None, trio.abc.Stream | None]:
-        """Connect to the best backend not tried yet; rescan once if we run out."""
-        rescanned = False
-        while True:
-            for backend in self.registry.snapshot().usable:
-                if backend.id in tried:
-                    continue
-                tried.add(backend.id)
-                try:
-                    return backend, await self.connect(backend)
-                except LocalResourceError as exc:
-                    # Out of descriptors: no backend is to blame, and trying
-                    # the others would fail the same way. Answer FAILURE.
-                    log.error("switcher.proxy.no_resources", reason=str(exc))
-                    return None, None
-                except BackendUnavailableError as exc:
-                    self.registry.record_failure(backend.id, str(exc))
-                    log.warning(
-                        "switcher.proxy.backend_unavailable", backend=backend.id, reason=str(exc)
-                    )
-            if rescanned:
-                return None, None
-            # A miss: a session may have appeared since the last scan.
-            await self.rescan()
-            rescanned = True
-
-    # -- relaying ----------------------------------------------------------
-
-    async def _relay(self, upstream: trio.abc.Stream) -> str:
-        """Relay until the conversation ends (its outcome) or the backend is lost (_Lost)."""
-        if self.replay is None:
-            # Too much was pipelined to keep copies: the requests are gone.
-            raise _Finished("backend_lost")
-        self.outstanding = collections.deque(f.type for f in self.replay)
-        self.all_answered = trio.Event()
-        await self._send_upstream(upstream, b"".join(f.raw for f in self.replay))
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump_requests, upstream)
-                nursery.start_soon(self._pump_replies, upstream)
-        except BaseExceptionGroup as group:
-            finished, rest = group.split(_Finished)
-            lost, rest = rest.split(_Lost) if rest is not None else (None, None)
-            if rest is not None:
-                # Cancellation from outside, or a bug: not ours to hide, but
-                # our own control-flow signals must not leak with it.
-                raise rest from None
-            if finished is not None:
-                raise _single(finished, _Finished) from None
-            assert lost is not None
-            if self.committed or self.replay is None:
-                raise _Finished("backend_lost") from None
-            raise _single(lost, _Lost) from None
-        raise AssertionError("a relay task returned without an outcome")  # pragma: no cover
-
-    async def _send_upstream(self, upstream: trio.abc.Stream, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            await upstream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _Lost(_reason(exc)) from None
-
-    async def _pump_requests(self, upstream: trio.abc.Stream) -> None:
-        while not self.client_eof:
-            frames = await self._next_client_frames()
-            if frames is None:
-                self.client_eof = True
-                break
-            for frame in frames:
-                self._take_request(frame)
-            await self._send_upstream(upstream, b"".join(f.raw for f in frames))
-        # The client half-closed. ssh-agent drops a half-closed client without
-        # answering, so the EOF is never passed on: we deliver every reply
-        # first, and only then close both sides.
+    async def _answer_all(self) -> None:
+        """Get every outstanding request answered, failing over while we may."""
+        tried: set[str] = set()
         while self.outstanding:
-            await self.all_answered.wait()
-        raise _Finished("ok")
+            if self.upstream is None and not await self._attach(tried):
+                await self._answer_locally()
+                return
+            assert self.upstream is not None
+            try:
+                await self._exchange(self.upstream)
+            except _Lost as lost:
+                await self._fail_over(lost)
 
-    async def _pump_replies(self, upstream: trio.abc.Stream) -> None:
-        decoder = FrameDecoder()
-        while True:
+    async def _exchange(self, upstream: trio.abc.Stream) -> None:
+        """Send what is unsent, then relay replies until none is owed."""
+        if self.unsent:
+            data = b"".join(self.unsent)
+            self.unsent.clear()
+            try:
+                await upstream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Lost(_reason(exc)) from None
+        while self.outstanding:
             try:
                 data = await upstream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _Lost(_reason(exc)) from None
             if not data:
-                raise _Lost("closed before answering" if self.outstanding else "closed")
-            decoder.feed(data)
+                raise _Lost("closed before answering")
+            self.upstream_decoder.feed(data)
             replies: list[bytes] = []
             try:
-                while (frame := decoder.next_frame()) is not None:
+                while (frame := self.upstream_decoder.next_frame()) is not None:
                     replies.append(frame.raw)
             except FrameError as exc:
                 raise _Lost(f"bad reply: {exc}") from None
@@ -308,22 +225,68 @@ class _Connection:
                 self.outstanding.popleft()
             self.served += len(replies)
             await self._send_client(b"".join(replies))
-            if not self.outstanding:
-                self.all_answered.set()
-                self.all_answered = trio.Event()
 
+    async def _fail_over(self, lost: _Lost) -> None:
+        """The backend failed: replay to the next one if no reply reached the client yet."""
+        assert self.upstream is not None and self.backend is not None
+        with trio.CancelScope(shield=True):
+            await self.upstream.aclose()
+        self.upstream = None
+        if self.committed or self.replay is None:
+            # The conversation belonged to that session (or we kept no copy).
+            raise _Finished("backend_lost")
+        # Nothing reached the client yet: it will never know.
+        self.registry.record_failure(self.backend.id, lost.reason)
+        self.registry.record_traffic(self.backend.id, served=0, failed=len(self.outstanding))
+        log.warning(
+            "switcher.proxy.failover",
+            backend=self.backend.id,
+            reason=lost.reason,
+            replayed=len(self.replay),
+        )
+        self.failovers += 1
+        self.unsent = list(self.replay)
+        self.upstream_decoder = FrameDecoder()
 
-_E = TypeVar("_E", bound=BaseException)
+    async def _attach(self, tried: set[str]) -> bool:
+        """Connect to the best backend not tried yet; rescan once if we run out."""
+        rescanned = False
+        while True:
+            for backend in self.registry.snapshot().usable:
+                if backend.id in tried:
+                    continue
+                tried.add(backend.id)
+                try:
+                    self.upstream = await self.connect(backend)
+                except LocalResourceError as exc:
+                    # Out of descriptors: no backend is to blame, and trying
+                    # the others would fail the same way. Answer FAILURE.
+                    log.error("switcher.proxy.no_resources", reason=str(exc))
+                    return False
+                except BackendUnavailableError as exc:
+                    self.registry.record_failure(backend.id, str(exc))
+                    log.warning(
+                        "switcher.proxy.backend_unavailable", backend=backend.id, reason=str(exc)
+                    )
+                    continue
+                self.backend = backend
+                return True
+            if rescanned:
+                return False
+            # A miss: a session may have appeared since the last scan.
+            await self.rescan()
+            rescanned = True
 
-
-def _single(group: BaseExceptionGroup[BaseException], kind: type[_E]) -> _E:
-    """The first leaf of ``kind`` in a (possibly nested) exception group."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _single(exc, kind)
-        if isinstance(exc, kind):
-            return exc
-    raise AssertionError("empty exception group")  # pragma: no cover
+    async def _answer_locally(self) -> None:
+        """No backend at all: fail every waiting request at once, so clients don't hang."""
+        count = len(self.outstanding)
+        self.outstanding.clear()
+        self.unsent.clear()
+        self.answered_locally += count
+        if self.replay is not None:
+            self.replay.clear()
+            self.replay_bytes = 0
+        await self._send_client(FAILURE_FRAME * count)
 
 
 def _reason(exc: BaseException) -> str:
@@ -405,7 +368,11 @@ async def _handle_client(
         return ConnectionResult("peer_refused", 0, 0)
     try:
         return await relay_connection(
-            client, registry=registry, connect=connect, rescan=rescan, peer=peer
+            FastSocketStream.from_trio(client),
+            registry=registry,
+            connect=connect,
+            rescan=rescan,
+            peer=peer,
         )
     except Exception:
         # A bug in one connection must not take the daemon and every other
@@ -469,7 +436,7 @@ class ProxyServer:
 
 
 async def serve_agent_proxy(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     *,
     registry: Registry,
     rescan: Rescan,
