@@ -105,6 +105,28 @@ def keygen(path: Path) -> Path:
 
 
 @contextmanager
+def socat_relay(path: Path, target: Path) -> Iterator[Path | None]:
+    """A compiled relay for reference: socat forks one process per connection.
+
+    Not switcher's design (no discovery, no failover, no framing checks), but
+    a fair yardstick for what relaying through one more process costs.
+    """
+    if shutil.which("socat") is None:
+        yield None
+        return
+    process = subprocess.Popen(
+        ["socat", f"UNIX-LISTEN:{path},fork,mode=600", f"UNIX-CONNECT:{target}"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(lambda: _accepts(path), "socat")
+        yield path
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
 def switcher_daemon(root: Path, agents: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     root.mkdir()
     sock = root / "s.sock"
@@ -181,6 +203,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             with (
                 switcher_daemon(tmp / "d1", clean) as (daemon, proxied),
                 switcher_daemon(tmp / "d2", crowded) as (_, crowded_sock),
+                socat_relay(tmp / "socat.sock", live) as socat,
                 multiprocessing.get_context("fork").Pool(workers) as pool,
             ):
                 blob = ab.first_key_blob(str(proxied))
@@ -198,19 +221,26 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     return run
 
                 latency_log: dict[tuple[str, str, int], list[float]] = {}
-                a = interleaved(args.rounds, {
+                a_runs = {
                     "direct": rate("new", live, ident, n_new, workers),
                     "proxied": rate("new", proxied, ident, n_new, workers),
                     "crowded": rate("new", crowded_sock, ident, n_new, workers),
-                })
-                b = interleaved(args.rounds, {
+                }
+                b_runs = {
                     "direct": rate("one", live, ident, n_ident, 1),
                     "proxied": rate("one", proxied, ident, n_ident, 1),
-                })
-                c = interleaved(args.rounds, {
+                }
+                c_runs = {
                     "direct": rate("one", live, sign, n_sign, 1),
                     "proxied": rate("one", proxied, sign, n_sign, 1),
-                })
+                }
+                if socat is not None:
+                    a_runs["socat"] = rate("new", socat, ident, n_new, workers)
+                    b_runs["socat"] = rate("one", socat, ident, n_ident, 1)
+                    c_runs["socat"] = rate("one", socat, sign, n_sign, 1)
+                a = interleaved(args.rounds, a_runs)
+                b = interleaved(args.rounds, b_runs)
+                c = interleaved(args.rounds, c_runs)
 
                 def latency(path: Path) -> dict[str, float]:
                     values = latency_log[("new", str(path), ab.REQUEST_IDENTITIES)]
@@ -224,6 +254,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 report["b_identities_one_connection"] = _ratio(b["proxied"], b["direct"])
                 report["c_sign_one_connection"] = _ratio(c["proxied"], c["direct"])
+                if socat is not None:
+                    report["socat_reference"] = {
+                        "a_new_connection": _ratio(a["socat"], a["direct"], "socat"),
+                        "b_identities_one_connection": _ratio(b["socat"], b["direct"], "socat"),
+                        "c_sign_one_connection": _ratio(c["socat"], c["direct"], "socat"),
+                    }
                 report["d_crowded_over_clean"] = _ratio(a["crowded"], a["proxied"], "crowded", "clean")
                 report["e_memory"] = memory(daemon.pid, proxied, ident)
                 report["g_first_use"] = first_use(tmp, clean, proxied, args.rounds)
@@ -309,9 +345,12 @@ def startup(args: argparse.Namespace) -> dict[str, Any]:
 
 def verdicts(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
+    socat = report.get("socat_reference", {})
     for name, floor in TARGETS.items():
         ratio = report[name]["ratio"]
-        rows.append((name, f"ratio {ratio:.2f} (target >= {floor:.2f})", "met" if ratio >= floor else "MISSED"))
+        reference = f", socat {socat[name]['ratio']:.2f}" if name in socat else ""
+        rows.append((name, f"ratio {ratio:.2f} (target >= {floor:.2f}{reference})",
+                     "met" if ratio >= floor else "MISSED"))
     mem = report["e_memory"]
     rows.append(("e_idle_rss", f"{mem['idle_rss_mb']} MB (target <= {IDLE_RSS_CEILING_MB:g})",
                  "met" if mem["idle_rss_mb"] <= IDLE_RSS_CEILING_MB else "MISSED"))

@@ -27,3 +27,20 @@ def disable_ptrace() -> bool:
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         return False
     return bool(libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) == 0)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open descriptors to the hard limit; return (old, new).
+
+    Every relayed connection holds two descriptors (client and backend), so
+    the common soft limit of 1024 caps us near 500 concurrent clients while
+    the hard limit is usually far higher. Running out is handled (accept
+    backs off, clients get FAILURE), but there is no reason to run out early.
+    """
+    import resource  # noqa: PLC0415 (Unix-only, and only the daemon needs it)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft, hard
