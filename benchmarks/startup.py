@@ -98,6 +98,23 @@ def stop_daemon(process: subprocess.Popen[bytes]) -> None:
         process.stderr.close()
 
 
+def daemon_already_running(python: str, tmp: Path) -> list[str]:
+    """`switcher daemon --daemon` against the daemon `start_daemon` runs in ``tmp``.
+
+    What a login script runs at every login: the answer "already running"
+    (exit 0, nothing started) must come without loading trio or structlog.
+    The pid and log files point into ``tmp`` so that, were the check ever to
+    start a daemon after all, nothing lands in the real home directory.
+    """
+    as_root = ["--allow-root"] if os.geteuid() == 0 else []
+    return [
+        *(python, "-m", "switcher", "daemon", "--daemon", *as_root),
+        *("--socket-path", str(tmp / "a.sock"), "--control-path", str(tmp / "c.sock")),
+        *("--pid-file", str(tmp / "second.pid"), "--log-file", str(tmp / "second.log")),
+        *("--agents-dirs", str(tmp / "agents")),
+    ]
+
+
 def time_once(argv: list[str]) -> float:
     """Wall time of one run, in seconds; a failing run stops the benchmark."""
     start = time.perf_counter()
@@ -171,6 +188,7 @@ def main() -> int:
                 ],
                 # The same imports without the conversation: what the CLI costs by itself.
                 "switcher path": [args.python, "-m", "switcher", "path"],
+                "switcher daemon --daemon (running)": daemon_already_running(args.python, tmp),
                 "python -c pass": [args.python, "-c", "pass"],
             }
             samples = measure(commands, args.rounds)

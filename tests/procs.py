@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
 
 SWITCHER = [sys.executable, "-m", "switcher"]
 
@@ -48,8 +52,18 @@ class Daemon:
         return await self.process.wait()
 
 
-async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> Daemon:
-    """Start ``switcher daemon`` and wait until its socket accepts connections."""
+async def start_daemon(
+    tmp: Path,
+    *extra: str,
+    agents: Sequence[Path] = (),
+    preexec_fn: Callable[[], object] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Daemon:
+    """Start ``switcher daemon`` and wait until its socket accepts connections.
+
+    ``preexec_fn`` runs in the child before exec (to lower a resource limit,
+    say); ``env`` replaces the environment. Both default to what a user has.
+    """
     socket_path = tmp / "s.sock"
     control_path = tmp / "c.sock"
     log_path = tmp / "daemon.log"
@@ -68,7 +82,9 @@ async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> D
             "--log-file",
             str(log_path),
             *extra,
-        ]
+        ],
+        preexec_fn=preexec_fn,
+        env=env,
     )
     while not accepts(socket_path):
         if process.poll() is not None:
@@ -77,3 +93,153 @@ async def start_daemon(tmp: Path, *extra: str, agents: Sequence[Path] = ()) -> D
     return Daemon(process, socket_path, control_path, log_path)
 
 
+# -- looking at a running daemon from outside (fault and soak tests) ----------
+
+# How often the helpers below look at /proc: often enough that a test waits
+# little longer than the daemon needs, rarely enough to cost it nothing.
+_POLL_INTERVAL = 0.05
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors the process holds open now."""
+    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What each open descriptor points at (for an assertion's message)."""
+    targets = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            targets.append((int(fd.name), f"{fd.name} -> {fd.readlink()}"))
+        except FileNotFoundError:
+            continue  # closed while we looked
+    return [text for _, text in sorted(targets)]
+
+
+def rss_kib(pid: int) -> int:
+    """The process's resident set size in KiB (``VmRSS`` in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def wait_open_fds_at_most(pid: int, limit: int) -> int:
+    """Wait until the process holds at most ``limit`` descriptors; return the count.
+
+    Unbounded: callers put a deadline around it and check the count after.
+    """
+    # Polling: nothing signals another process's descriptor count.
+    while (count := open_fds(pid)) > limit:  # noqa: ASYNC110
+        await trio.sleep(_POLL_INTERVAL)
+    return count
+
+
+async def settled_open_fds(pid: int, *, quiet: float = 0.3) -> int:
+    """The descriptor count once it has stayed the same for ``quiet`` seconds."""
+    count = open_fds(pid)
+    unchanged_since = trio.current_time()
+    while trio.current_time() - unchanged_since < quiet:
+        await trio.sleep(_POLL_INTERVAL)
+        now = open_fds(pid)
+        if now != count:
+            count, unchanged_since = now, trio.current_time()
+    return count
+
+
+async def control_request(path: Path, request: dict[str, object]) -> dict[str, object]:
+    """Send one control request (docs/control-protocol.md) and return the parsed reply."""
+    stream = await trio.open_unix_socket(str(path))
+    async with stream:
+        await stream.send_all(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                raise EOFError("control socket closed before a whole reply")
+            data += chunk
+    reply: dict[str, object] = json.loads(data)
+    return reply
+
+
+async def terminate(daemon: Daemon) -> int:
+    """Stop a daemon for good: SIGTERM, and SIGKILL if it is still there after a while."""
+    if daemon.process.returncode is None:
+        daemon.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(10):
+            await daemon.process.wait()
+        if daemon.process.returncode is None:
+            daemon.process.kill()
+    return await daemon.process.wait()
+
+
+# -- detached daemons: `switcher daemon --daemon` and what starts it ----------
+
+# The files a detached test daemon uses, all inside one short temporary dir,
+# never the real /tmp/switcher-$UID or ~/.local/state.
+SOCKET_NAME = "s.sock"
+CONTROL_NAME = "c.sock"
+PID_NAME = "switcher.pid"
+LOG_NAME = "daemon.log"
+
+
+def daemon_flags(tmp: Path, *, agents: Sequence[Path] = ()) -> list[str]:
+    """Flags that keep a daemon's sockets, pid file and log in ``tmp``."""
+    return [
+        *ALLOW_ROOT,
+        *("--socket-path", str(tmp / SOCKET_NAME)),
+        *("--control-path", str(tmp / CONTROL_NAME)),
+        *("--pid-file", str(tmp / PID_NAME)),
+        *("--log-file", str(tmp / LOG_NAME)),
+        *("--agents-dirs", ":".join(str(a) for a in agents) or str(tmp / "none")),
+    ]
+
+
+def log_events(path: Path) -> list[dict[str, object]]:
+    """The JSON log lines at ``path`` (none if there is no file yet)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@attrs.define(eq=False)
+class Reaper:
+    """Kills, when a test ends however it ends, every daemon the test started.
+
+    It holds a pidfd for each, so a daemon that exited on its own and whose
+    pid was reused never causes an unrelated process to be signalled.
+    """
+
+    _pidfds: list[int] = attrs.Factory(list)
+
+    def adopt(self, pid: int) -> int:
+        """Look after ``pid``; return its pidfd, readable once the process has exited."""
+        pidfd = os.pidfd_open(pid)
+        self._pidfds.append(pidfd)
+        return pidfd
+
+    def adopt_pid_file(self, path: Path) -> tuple[int, int]:
+        """Look after the daemon named in ``path``; return its pid and pidfd."""
+        pid = int(path.read_text())
+        return pid, self.adopt(pid)
+
+    def kill_all(self) -> None:
+        for pidfd in self._pidfds:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # gone already
+            select.select([pidfd], [], [], 10)  # let it go before the next test starts
+            os.close(pidfd)
+        self._pidfds.clear()
+
+
+async def wait_exited(pidfd: int) -> None:
+    """Wait, without polling, until the process behind ``pidfd`` has exited (not our child)."""
+    await trio.lowlevel.wait_readable(pidfd)
+
+
+def has_exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])

@@ -29,3 +29,6 @@ class Config:
     # How often directory mtimes are checked for new sessions (not a flag:
     # tests stretch it to take the watcher out of the picture).
     watch_interval: float = 0.25
+    # $NOTIFY_SOCKET when systemd runs us as a Type=notify service: where
+    # READY=1 and STOPPING=1 go. None without systemd.
+    notify_socket: str | None = None

@@ -4,6 +4,11 @@ The root nursery starts each service with ``await nursery.start(...)``, so
 "ready" means every service really is: the prober has scanned once, the
 proxy accepts. Shutdown runs the other way: stop accepting, let open
 connections finish for a short grace, cancel the rest, remove the socket.
+
+Beside the services, two small upkeep tasks: one turns signals into a
+shutdown, or (SIGHUP) into a log reopen and a refresh; the other puts our
+own sockets back when someone deletes them (``rm``, systemd-tmpfiles
+cleaning ``/tmp``). When systemd runs us, it hears READY=1 and STOPPING=1.
 """
 
 from __future__ import annotations
@@ -13,14 +18,14 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import attrs
 import structlog
 import trio
 
-from switcher import paths
+from switcher import _systemd, paths
 from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
@@ -34,12 +39,10 @@ from switcher.core import (
 
 log = structlog.get_logger()
 
-# Connections the kernel queues before we accept them. Logins come in
-# bursts (a git operation can open dozens of agent connections), and
-# queued clients cost us nothing.
-_LISTEN_BACKLOG = 512
-
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+
+# The agent socket and the control socket, in that order.
+Sockets = tuple[paths.ServedSocket, paths.ServedSocket]
 
 
 @attrs.frozen
@@ -55,98 +58,109 @@ class DaemonHandle:
 
 
 @attrs.define(eq=False)
-class OwnedSocket:
-    """A listening socket at a path we claimed, and the lock that guards it."""
+class SwappableListener(trio.abc.Listener[trio.SocketStream]):
+    """A listener whose socket can be replaced while a task waits in ``accept``.
 
-    path: Path
-    sock: socket.socket
-    lock_fd: int
-    dev: int
-    ino: int
+    The services accept from it as from any listener. ``swap`` closes the old
+    socket, which wakes the waiting ``accept``, and that carries on with the
+    new one. Connections already accepted are sockets of their own: they
+    never notice.
+    """
 
-    @classmethod
-    def claim(cls, path: Path) -> OwnedSocket:
-        """Take the lock, clear a stale socket, bind; or raise with the reason we cannot."""
-        paths.prepare_socket_dir(path, default_dir=paths.runtime_dir())
-        lock_fd = paths.lock_for(path)
-        try:
-            paths.claim_socket_path(path)
-            sock = paths.bind_private_socket(path, _LISTEN_BACKLOG)
-            st = path.lstat()
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        return cls(path, sock, lock_fd, st.st_dev, st.st_ino)
+    _current: trio.SocketListener
 
-    def release(self) -> None:
-        """Close, and unlink the socket only if the path still holds our inode."""
-        self.sock.close()
-        try:
-            st = self.path.lstat()
-            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self.lock_fd)
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            listener = self._current
+            try:
+                return await listener.accept()
+            except trio.ClosedResourceError:
+                if listener is self._current:
+                    raise  # closed for good, not swapped
+
+    async def swap(self, new: trio.SocketListener) -> None:
+        old, self._current = self._current, new
+        await old.aclose()
+
+    async def aclose(self) -> None:
+        await self._current.aclose()
+
+
+def _nothing_to_reopen() -> None:
+    pass
 
 
 async def run_daemon(
     config: Config,
     *,
+    sockets: Sockets | None = None,
+    reopen_logs: Callable[[], None] = _nothing_to_reopen,
     refuse_own_pid: bool = True,
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT, SIGTERM or SIGQUIT; SIGHUP never stops us.
+    """Serve until SIGINT, SIGTERM or SIGQUIT; SIGHUP reopens the logs and refreshes.
 
-    ``refuse_own_pid`` guards against relaying to ourselves; only tests that
-    serve fake agents inside this very process turn it off.
+    ``sockets`` are the agent and control sockets when the caller has claimed
+    them already (the command line does, to answer "already running" before
+    it loads trio; systemd may have passed them); they become ours to
+    release. Without them we claim the configured paths. ``reopen_logs`` is
+    what SIGHUP calls, for logrotate. ``refuse_own_pid`` guards against
+    relaying to ourselves; only tests that serve fake agents inside this very
+    process turn it off.
     """
-    # Signals are caught before the sockets exist: whoever sees the socket
-    # accept may signal us at once, and must not hit the default action.
-    with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
-        agent = OwnedSocket.claim(config.socket_path)
-        try:
-            control = OwnedSocket.claim(config.control_path)
-        except BaseException:
-            agent.release()
-            raise
-        refuse_pid = os.getpid() if refuse_own_pid else None
-        try:
-            await _serve(config, agent, control, signals, refuse_pid, task_status)
-        finally:
-            control.release()
-            agent.release()
+    claimed = sockets
+    try:
+        # Signals are caught before anyone can connect: whoever can reach the
+        # socket may signal us at once, and must not hit the default action.
+        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
+            if claimed is None:
+                claimed = _claim(config)
+            for served in claimed:
+                served.listen(paths.LISTEN_BACKLOG)
+            refuse_pid = os.getpid() if refuse_own_pid else None
+            await _serve(config, claimed, signals, refuse_pid, reopen_logs, task_status)
+    finally:
+        if claimed is not None:
+            for served in reversed(claimed):
+                served.release()
             log.info("switcher.daemon.stopped", socket=str(config.socket_path))
+
+
+def _claim(config: Config) -> Sockets:
+    agent = paths.ServedSocket.claim(config.socket_path)
+    try:
+        control = paths.ServedSocket.claim(config.control_path)
+    except BaseException:
+        agent.release()
+        raise
+    return agent, control
 
 
 async def _serve(
     config: Config,
-    agent: OwnedSocket,
-    control: OwnedSocket,
+    sockets: Sockets,
     signals: AsyncIterator[int],
     refuse_pid: int | None,
+    reopen_logs: Callable[[], None],
     task_status: trio.TaskStatus[DaemonHandle],
 ) -> None:
     registry = Registry()
     prober = Prober(
         registry,
         # Our own sockets are never backends, whatever they are named.
-        scan_settings(
-            config.agents_dirs,
-            exclude=frozenset({(agent.dev, agent.ino), (control.dev, control.ino)}),
-        ),
+        scan_settings(config.agents_dirs, exclude=_identities(sockets)),
         interval=config.probe_interval,
         probe_timeout=config.probe_timeout,
         refuse_pid=refuse_pid,
         watch_interval=config.watch_interval,
     )
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(agent.sock))
+    listeners = [SwappableListener(_listener(served.sock)) for served in sockets]
     async with trio.open_nursery() as root:
         await root.start(prober.serve)
         proxy = await root.start(
             functools.partial(
                 serve_agent_proxy,
-                listener,
+                listeners[0],
                 registry=registry,
                 rescan=prober.rescan_for_miss,
                 grace=config.grace,
@@ -165,11 +179,7 @@ async def _serve(
             ),
             proxy_statistics=proxy.statistics,
         )
-        await root.start(
-            serve_control,
-            trio.SocketListener(trio.socket.from_stdlib_socket(control.sock)),
-            control_service,
-        )
+        await root.start(serve_control, listeners[1], control_service)
         log.info(
             "switcher.daemon.started",
             pid=os.getpid(),
@@ -177,21 +187,132 @@ async def _serve(
             control=str(config.control_path),
             agents_dirs=list(config.agents_dirs),
             backends=len(registry.snapshot().backends),
+            activated=[str(s.path) for s in sockets if s.is_activated],
         )
+        _notify(config, "READY=1", f"STATUS=serving {config.socket_path}")
         task_status.started(
             DaemonHandle(
                 registry, prober, proxy, control_service, config.socket_path, config.control_path
             )
         )
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if signum == signal.SIGHUP:
-                log.info("switcher.daemon.sighup")
-                continue
-            log.info(
-                "switcher.daemon.stopping", signal=name, open_connections=proxy.active_connections
+
+        stopping = trio.Event()
+
+        def stop(**why: object) -> None:
+            log.info("switcher.daemon.stopping", **why, open_connections=proxy.active_connections)
+            stopping.set()
+
+        def exclude_own_sockets() -> None:
+            prober.settings = attrs.evolve(prober.settings, exclude=_identities(sockets))
+
+        async with trio.open_nursery() as upkeep:
+            upkeep.start_soon(
+                functools.partial(
+                    _handle_signals, signals, reopen_logs=reopen_logs, prober=prober, stop=stop
+                )
             )
-            break
+            upkeep.start_soon(
+                functools.partial(
+                    _keep_sockets,
+                    list(zip(sockets, listeners, strict=True)),
+                    interval=config.probe_interval,
+                    rebound=exclude_own_sockets,
+                    stop=stop,
+                )
+            )
+            await stopping.wait()
+            upkeep.cancel_scope.cancel()
+        _notify(config, "STOPPING=1", "STATUS=stopping")
         proxy.stop_accepting()
         await proxy.wait_stopped()
         root.cancel_scope.cancel()
+
+
+def _listener(sock: socket.socket) -> trio.SocketListener:
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def _identities(sockets: Sockets) -> frozenset[tuple[int, int]]:
+    return frozenset(s.identity for s in sockets if s.identity is not None)
+
+
+async def _handle_signals(
+    signals: AsyncIterator[int],
+    *,
+    reopen_logs: Callable[[], None],
+    prober: Prober,
+    stop: Callable[..., None],
+) -> None:
+    """Stop on SIGINT, SIGTERM or SIGQUIT; on SIGHUP reopen the logs and refresh."""
+    async with trio.open_nursery() as refreshes:
+        async for signum in signals:
+            if signum != signal.SIGHUP:
+                stop(signal=signal.Signals(signum).name)
+                return
+            try:
+                reopen_logs()  # first, so the lines about this SIGHUP go to the new file
+            except OSError as exc:
+                log.error("switcher.daemon.log_reopen_failed", reason=exc.strerror or str(exc))
+            log.info("switcher.daemon.sighup")
+            refreshes.start_soon(_refresh, prober)
+
+
+async def _refresh(prober: Prober) -> None:
+    report = await prober.refresh()
+    log.info(
+        "switcher.daemon.refreshed",
+        added=len(report.added),
+        removed=len(report.removed),
+        backends=len(prober.registry.snapshot().backends),
+    )
+
+
+async def _keep_sockets(
+    sockets: list[tuple[paths.ServedSocket, SwappableListener]],
+    *,
+    interval: float,
+    rebound: Callable[[], None],
+    stop: Callable[..., None],
+) -> None:
+    """Every ``interval``, put back a socket of ours that has vanished from its path.
+
+    Each loss is logged once. If another switcher has taken the path in the
+    meantime, it serves our clients now and we stop. Activated sockets are
+    systemd's to look after.
+    """
+    reported: dict[Path, str] = {}
+    while True:
+        await trio.sleep(interval)
+        for served, listener in sockets:
+            if served.is_activated or served.in_place():
+                continue
+            try:
+                sock = served.rebind(paths.LISTEN_BACKLOG)
+            except paths.AlreadyRunningError as exc:
+                log.error("switcher.daemon.socket_lost", path=str(served.path), reason=str(exc))
+                stop(reason="socket_lost")
+                return
+            except paths.UnsafePathError as exc:
+                # Retried every interval; said again only if the reason changes.
+                if reported.get(served.path) != str(exc):
+                    reported[served.path] = str(exc)
+                    log.error(
+                        "switcher.daemon.socket_recreate_failed",
+                        path=str(served.path),
+                        reason=str(exc),
+                    )
+                continue
+            reported.pop(served.path, None)
+            await listener.swap(_listener(sock))
+            rebound()
+            log.warning("switcher.daemon.socket_recreated", path=str(served.path))
+
+
+def _notify(config: Config, *fields: str) -> None:
+    """Tell systemd (when it runs us as a Type=notify service); never fatal."""
+    if config.notify_socket is None:
+        return
+    try:
+        _systemd.notify(config.notify_socket, "\n".join(fields))
+    except OSError as exc:
+        log.warning("switcher.daemon.notify_failed", reason=exc.strerror or str(exc))

@@ -1,11 +1,13 @@
-"""Where switcher keeps its sockets, and the checks that make a place safe.
+"""Where switcher keeps its sockets and files, and the checks that make a place safe.
 
-Standard library only: ``switcher path``, ``switcher ctl`` and the
-already-running check import this without loading trio or structlog.
+Standard library only: ``switcher path``, ``switcher ctl``, ``switcher init``
+and the already-running check of ``switcher daemon --daemon`` import this
+without loading trio or structlog.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -13,11 +15,24 @@ import socket
 import stat
 from pathlib import Path
 
+# Not `from typing import TYPE_CHECKING`: importing typing would cost the
+# commands that must start instantly a few milliseconds.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 # Linux's sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
 AGENT_SOCKET_NAME = "agent.sock"
 CONTROL_SOCKET_NAME = "control.sock"
+PID_FILE_NAME = "switcher.pid"
+LOG_FILE_NAME = "switcher.log"
+
+# Connections the kernel queues before we accept them. Logins come in
+# bursts (a git operation can open dozens of agent connections), and
+# queued clients cost us nothing.
+LISTEN_BACKLOG = 512
 
 
 class UnsafePathError(Exception):
@@ -44,6 +59,74 @@ def default_socket_path() -> Path:
 
 def default_control_path() -> Path:
     return runtime_dir() / CONTROL_SOCKET_NAME
+
+
+def _xdg_dir(environ: Mapping[str, str], name: str) -> Path | None:
+    # The XDG base directory spec: a relative value is invalid and ignored.
+    value = environ.get(name, "")
+    return Path(value) if os.path.isabs(value) else None
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/switcher`` (``~/.local/state/switcher`` without it): the log file."""
+    env = os.environ if environ is None else environ
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return (_xdg_dir(env, "XDG_STATE_HOME") or home / ".local" / "state") / "switcher"
+
+
+def default_pid_file(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_RUNTIME_DIR/switcher.pid``, or in the state dir when there is no runtime dir."""
+    env = os.environ if environ is None else environ
+    runtime = _xdg_dir(env, "XDG_RUNTIME_DIR")
+    return runtime / PID_FILE_NAME if runtime is not None else state_dir(env) / PID_FILE_NAME
+
+
+def default_log_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Where ``switcher daemon --daemon`` logs unless told otherwise."""
+    return state_dir(environ) / LOG_FILE_NAME
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700 (what XDG asks for its dirs).
+
+    Directories that exist are left as they are: they are the user's.
+    """
+    if path.is_dir():
+        return
+    make_private_dirs(path.parent)
+    try:
+        path.mkdir()
+        path.chmod(0o700)  # mkdir's mode is filtered by the umask: set it
+    except FileExistsError:
+        pass  # another start-up made it in the meantime
+    except OSError as exc:
+        raise UnsafePathError(f"cannot create directory {path}: {exc.strerror}") from None
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    """Write ``pid`` to ``path``, mode 0600, replacing it whole: a reader never sees half."""
+    temporary = path.with_name(f".{path.name}.{pid}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o600)
+        try:
+            os.write(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+        temporary.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise UnsafePathError(f"cannot write pid file {path}: {exc.strerror}") from None
+
+
+def remove_pid_file(path: Path, pid: int) -> None:
+    """Remove the pid file if it still names ``pid`` (a newer daemon may have replaced it)."""
+    try:
+        if path.read_text().strip() == str(pid):
+            path.unlink()
+    except (OSError, UnicodeDecodeError):
+        pass
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -107,6 +190,37 @@ def check_parent_dir(path: Path) -> None:
             f"{parent} is writable by group or others and not sticky; "
             "another user could replace the socket"
         )
+    _check_ancestors(parent)
+
+
+def _check_ancestors(parent: Path) -> None:
+    """Nobody else may be able to swap the directory under us, higher up either.
+
+    Every directory on the way to ``parent``, as written and as resolved,
+    must be ours or root's, and sticky if others may write to it: otherwise
+    its owner could replace a symlink on the way, or rename our directory
+    away and put theirs in its place, and clients would reach their socket.
+    """
+    resolved = Path(os.path.realpath(parent))
+    seen: set[Path] = set()
+    for ancestor in [parent, *parent.parents, resolved, *resolved.parents]:
+        if ancestor in seen:
+            continue
+        seen.add(ancestor)
+        try:
+            st = ancestor.lstat()
+        except OSError as exc:
+            raise UnsafePathError(f"cannot inspect {ancestor}: {exc.strerror}") from None
+        if st.st_uid not in (0, os.getuid()):
+            raise UnsafePathError(
+                f"{ancestor} is owned by uid {st.st_uid}, neither us nor root; "
+                "its owner could redirect the socket"
+            )
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafePathError(
+                f"{ancestor} is writable by group or others and not sticky; "
+                "another user could redirect the socket"
+            )
 
 
 def prepare_socket_dir(path: Path, *, default_dir: Path) -> None:
@@ -132,6 +246,11 @@ def socket_answers(path: Path) -> bool:
         return True
 
 
+def lock_path(path: Path) -> Path:
+    """The instance lock of a socket path: ``PATH.lock`` beside it."""
+    return path.with_name(path.name + ".lock")
+
+
 def lock_for(path: Path) -> int:
     """Take the instance lock that guards a socket path; return its descriptor.
 
@@ -140,16 +259,16 @@ def lock_for(path: Path) -> int:
     racing to start switcher cannot both unlink and bind. The kernel drops
     the lock when the process dies, however it dies.
     """
-    lock_path = path.with_name(path.name + ".lock")
+    lock = lock_path(path)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(lock_path, flags, 0o600)
+        fd = os.open(lock, flags, 0o600)
     except OSError as exc:
-        raise UnsafePathError(f"cannot open lock file {lock_path}: {exc.strerror}") from None
+        raise UnsafePathError(f"cannot open lock file {lock}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"lock file {lock_path} is not a regular file of ours")
+            raise UnsafePathError(f"lock file {lock} is not a regular file of ours")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -187,8 +306,12 @@ def claim_socket_path(path: Path) -> None:
     path.unlink()
 
 
-def bind_private_socket(path: Path, backlog: int) -> socket.socket:
-    """Bind and listen on ``path`` with mode 0600, whatever the process umask is."""
+def bind_private_socket(path: Path, backlog: int | None) -> socket.socket:
+    """Bind ``path`` with mode 0600, whatever the process umask is, and listen.
+
+    With ``backlog=None`` it only binds: the path is taken, but clients are
+    refused until the caller listens.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         old_umask = os.umask(0o177)
@@ -196,8 +319,105 @@ def bind_private_socket(path: Path, backlog: int) -> socket.socket:
             sock.bind(os.fspath(path))
         finally:
             os.umask(old_umask)
-        sock.listen(backlog)
+        if backlog is not None:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise UnsafePathError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class ServedSocket:
+    """A socket path the daemon serves: bound by us under the instance lock, or
+    inherited from systemd (socket activation).
+
+    One of ours is bound by ``claim`` (refusing clients until ``listen``, so
+    nobody can reach the daemon before it handles signals), put back by
+    ``rebind`` when someone deletes it, and removed by ``release``. An
+    activated socket is systemd's: we neither lock, re-create nor remove it.
+    """
+
+    def __init__(self, path: Path, sock: socket.socket, lock_fd: int | None) -> None:
+        self.path = path
+        self.sock = sock
+        self.lock_fd = lock_fd
+        # (st_dev, st_ino) of the socket file we serve: how we tell it from a
+        # newcomer at the same path, and how discovery skips it.
+        self.identity = _identity(path)
+
+    @classmethod
+    def claim(cls, path: Path) -> ServedSocket:
+        """Take the lock, clear a stale socket, bind; or raise with the reason we cannot."""
+        prepare_socket_dir(path, default_dir=runtime_dir())
+        lock_fd = lock_for(path)
+        try:
+            claim_socket_path(path)
+            sock = bind_private_socket(path, backlog=None)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(path, sock, lock_fd)
+
+    @classmethod
+    def activated(cls, path: Path, sock: socket.socket) -> ServedSocket:
+        """A listening socket systemd bound at ``path`` and passed to us."""
+        return cls(path, sock, lock_fd=None)
+
+    @property
+    def is_activated(self) -> bool:
+        return self.lock_fd is None
+
+    def listen(self, backlog: int) -> None:
+        """Start queueing clients (an activated socket already does)."""
+        if not self.is_activated:
+            self.sock.listen(backlog)
+
+    def in_place(self) -> bool:
+        """Whether the path still holds the socket we serve."""
+        return self.identity is not None and _identity(self.path) == self.identity
+
+    def rebind(self, backlog: int) -> socket.socket:
+        """Put a new listening socket at our path, with the checks of start-up.
+
+        Someone removed our socket, or its whole directory (``rm``,
+        systemd-tmpfiles): re-create the directory if it is gone, re-take
+        the lock if its file went too, and bind again. Raises
+        AlreadyRunningError if another switcher took the path meanwhile,
+        UnsafePathError if the path is unusable now. The caller swaps the
+        returned socket in and closes the old one.
+        """
+        assert self.lock_fd is not None, "activated sockets are systemd's to re-create"
+        if not self.path.parent.exists():
+            ensure_private_dir(self.path.parent)
+        prepare_socket_dir(self.path, default_dir=runtime_dir())
+        if _identity(lock_path(self.path)) != _fd_identity(self.lock_fd):
+            fd = lock_for(self.path)
+            os.close(self.lock_fd)
+            self.lock_fd = fd
+        claim_socket_path(self.path)
+        self.sock = bind_private_socket(self.path, backlog)
+        self.identity = _identity(self.path)
+        return self.sock
+
+    def release(self) -> None:
+        """Close, and unlink the socket only if it is ours and the path still holds it."""
+        self.sock.close()
+        if self.lock_fd is None:
+            return
+        if self.in_place():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        os.close(self.lock_fd)
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)

@@ -296,3 +296,8 @@ def describe(result: subprocess.CompletedProcess[bytes]) -> str:
         f"stdout: {result.stdout.decode(errors='replace')!r}\n"
         f"stderr: {result.stderr.decode(errors='replace')!r}"
     )
+
+
+# The second unprivileged account, for the security tests: "the other user", who must
+# never reach the test user's agent and whose sockets must never serve it.
+OTHER_USER_NAME = os.environ.get("SWITCHER_E2E_OTHER_USER", f"{USER_NAME}2")

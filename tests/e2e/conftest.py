@@ -15,6 +15,7 @@ import pytest
 from _openssh import ClientAgent, Sshd, make_keypair, running_client_agent, running_sshd
 from _switcher import SwitcherInstall, World, installed_switcher
 from _system import (
+    OTHER_USER_NAME,
     UserAccount,
     ensure_user,
     missing_prerequisites,
@@ -124,3 +125,35 @@ def world(
         switcher=switcher_install,
         workdir=workdir,
     )
+
+
+@pytest.fixture(scope="session")
+def other_account(e2e_user: UserAccount) -> UserAccount:
+    """A second unprivileged account, created on first use, for the security tests."""
+    del e2e_user  # requested so that a machine that cannot run the suite skips first
+    return ensure_user(OTHER_USER_NAME)
+
+
+@pytest.fixture
+def other_user(other_account: UserAccount) -> Iterator[UserAccount]:
+    """The second account, with every process it still runs stopped when the test ends."""
+    try:
+        yield other_account
+    finally:
+        sweep_user(other_account)
+
+
+@pytest.fixture
+def user_dir(e2e_user: UserAccount) -> Iterator[Path]:
+    """A short directory owned by the test user (0700), for tests that need no sshd.
+
+    At teardown it prints the logs the test produced, which pytest shows only on failure.
+    """
+    directory = short_dir("swe2e-u-", owner=e2e_user, mode=0o700)
+    try:
+        yield directory
+    finally:
+        sweep_user(e2e_user)
+        for log in sorted(directory.rglob("*.log")):
+            print(f"----- {log.relative_to(directory)} -----\n{tail(log)}")
+        remove_tree(directory)

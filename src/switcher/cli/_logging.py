@@ -33,7 +33,9 @@ class LogSink:
 
     def _open(self) -> int:
         assert self.path is not None
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        # O_NOFOLLOW: a symlink planted at the path (in a shared directory)
+        # must not make us append to whatever file it names.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         return os.open(self.path, flags, 0o600)
 
     def reopen(self) -> None:
@@ -70,7 +72,11 @@ def configure_logging(level: str, log_file: Path | None) -> LogSink:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            # Tracebacks without local variables: a relay frame's locals are
+            # request bytes, and those may be a passphrase.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

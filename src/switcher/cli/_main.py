@@ -16,12 +16,41 @@ EXIT_USAGE = 2  # argparse's own code for bad flags
 EXIT_ALREADY_RUNNING = 3
 
 _DAEMON_EPILOG = """\
+With --daemon it returns once the daemon listens, and at once (status 0,
+starting nothing) when a switcher already serves the socket path; the
+daemon runs on without a terminal and logs to
+$XDG_STATE_HOME/switcher/switcher.log (~/.local/state/switcher/...).
+
+signals:
+  SIGINT, SIGTERM, SIGQUIT  stop accepting, give open connections 2 s, exit 0
+  SIGHUP                    reopen the log file (logrotate) and re-probe every
+                            agent; it never stops the daemon
+
+systemd: started with sockets passed by systemd (LISTEN_FDS, names "agent"
+and "control") it serves those; with NOTIFY_SOCKET it reports READY=1 and
+STOPPING=1. See contrib/systemd/.
+
 exit status:
-  0  stopped cleanly (SIGINT, SIGTERM or SIGQUIT); SIGHUP never stops it
-  1  refused to start: an unsafe or unusable socket path, or root without
-     --allow-root (the reason is printed)
+  0  stopped cleanly; with --daemon: the daemon is up (just started, or
+     already running)
+  1  refused to start, with the reason on one line: an unsafe or unusable
+     socket path, log file or pid file, root without --allow-root, or
+     sockets from systemd it cannot use
   2  bad command-line flags
-  3  another switcher is already serving this socket path
+  3  another switcher is already serving this socket path (in the
+     foreground; --daemon exits 0 instead)
+"""
+
+_INIT_EPILOG = """\
+Add one line to your login script:
+  bash  ~/.bash_profile               eval "$(switcher init bash)"
+  zsh   ~/.zprofile                   eval "$(switcher init zsh)"
+  fish  ~/.config/fish/config.fish    switcher init fish | source
+
+The code starts `switcher daemon --daemon` (which returns at once when it is
+already running) and sets SSH_AUTH_SOCK only if a socket of yours is there;
+otherwise it leaves SSH_AUTH_SOCK alone and prints one warning line. Daemon
+flags given here are passed on to the daemon.
 """
 
 
@@ -55,56 +84,31 @@ def _build_parser() -> argparse.ArgumentParser:
 
     daemon = commands.add_parser(
         "daemon",
-        help="run the agent proxy in the foreground",
+        help="run the agent proxy (in the foreground, or detached with --daemon)",
         description="Serve a stable agent socket and relay each connection to the best live "
         "forwarded agent.",
         epilog=_DAEMON_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     daemon.add_argument(
-        "--socket-path",
-        type=Path,
-        default=None,
-        help="the stable agent socket (default: /tmp/switcher-$UID/agent.sock)",
-    )
-    daemon.add_argument(
-        "--control-path",
-        type=Path,
-        default=None,
-        help="the JSON control socket (default: /tmp/switcher-$UID/control.sock)",
-    )
-    daemon.add_argument(
-        "--agents-dirs",
-        type=_agents_dirs,
-        default=None,
-        metavar="DIR[:DIR...]",
-        help="where to look for forwarded agents (default: $HOME/.ssh/agent:/tmp)",
-    )
-    daemon.add_argument(
-        "--log-file", type=Path, default=None, help="append JSON log lines here (default: stderr)"
-    )
-    daemon.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
-    )
-    daemon.add_argument(
-        "--allow-root",
+        "--daemon",
         action="store_true",
-        help="run even as root (root's daemon relays only root's agents; usually a mistake)",
+        help="detach and run in the background; return once it listens, or at once if a "
+        "switcher already serves the socket path",
     )
-    daemon.add_argument(
-        "--probe-interval",
-        type=_positive_seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="how often every backend is probed (default: 5)",
+    _add_daemon_options(daemon, keep_defaults=True)
+
+    init = commands.add_parser(
+        "init",
+        help="print shell code for a login script: start the daemon, set SSH_AUTH_SOCK",
+        description="Print code that starts `switcher daemon --daemon` and exports "
+        "SSH_AUTH_SOCK when the daemon is up, for eval in a login script.",
+        epilog=_INIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    daemon.add_argument(
-        "--probe-timeout",
-        type=_positive_seconds,
-        default=2.0,
-        metavar="SECONDS",
-        help="a probe unanswered this long marks its backend slow (default: 2)",
-    )
+    init.add_argument("shell", choices=("bash", "zsh", "fish"))
+    forwarded = _add_daemon_options(init, keep_defaults=False)
+    init.set_defaults(forward=tuple((a.dest, a.option_strings[0]) for a in forwarded))
 
     commands.add_parser(
         "path",
@@ -115,6 +119,76 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_daemon_options(
+    parser: argparse.ArgumentParser, *, keep_defaults: bool
+) -> list[argparse.Action]:
+    """The daemon's flags. ``init`` takes them too, without defaults: it passes on what is given."""
+
+    def default(value: object) -> object:
+        return value if keep_defaults else argparse.SUPPRESS
+
+    return [
+        parser.add_argument(
+            "--socket-path",
+            type=Path,
+            default=default(None),
+            help="the stable agent socket (default: /tmp/switcher-$UID/agent.sock)",
+        ),
+        parser.add_argument(
+            "--control-path",
+            type=Path,
+            default=default(None),
+            help="the JSON control socket (default: /tmp/switcher-$UID/control.sock)",
+        ),
+        parser.add_argument(
+            "--agents-dirs",
+            type=_agents_dirs,
+            default=default(None),
+            metavar="DIR[:DIR...]",
+            help="where to look for forwarded agents (default: $HOME/.ssh/agent:/tmp)",
+        ),
+        parser.add_argument(
+            "--log-file",
+            type=Path,
+            default=default(None),
+            help="append JSON log lines here (default: stderr; with --daemon: "
+            "$XDG_STATE_HOME/switcher/switcher.log)",
+        ),
+        parser.add_argument(
+            "--log-level",
+            choices=("debug", "info", "warning", "error"),
+            default=default("info"),
+        ),
+        parser.add_argument(
+            "--pid-file",
+            type=Path,
+            default=default(None),
+            help="write the daemon's pid here (default: none; with --daemon: "
+            "$XDG_RUNTIME_DIR/switcher.pid, or $XDG_STATE_HOME/switcher/switcher.pid)",
+        ),
+        parser.add_argument(
+            "--allow-root",
+            action="store_true",
+            default=default(False),
+            help="run even as root (root's daemon relays only root's agents; usually a mistake)",
+        ),
+        parser.add_argument(
+            "--probe-interval",
+            type=_positive_seconds,
+            default=default(5.0),
+            metavar="SECONDS",
+            help="how often every backend is probed (default: 5)",
+        ),
+        parser.add_argument(
+            "--probe-timeout",
+            type=_positive_seconds,
+            default=default(2.0),
+            metavar="SECONDS",
+            help="a probe unanswered this long marks its backend slow (default: 2)",
+        ),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "path":
@@ -122,13 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "daemon":
         return _daemon(args)
+    if args.command == "init":
+        from switcher.cli._init import run as init  # noqa: PLC0415
+
+        return init(args)
     if args.command == "ctl":
         return _ctl.run(args)
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    # Loaded here, not at the top: only the daemon needs the event loop.
+    # Loaded here, not at the top: `switcher path` and `ctl` need none of it.
     from switcher.cli._daemon import run  # noqa: PLC0415
 
     return run(args)

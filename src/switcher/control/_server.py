@@ -161,7 +161,7 @@ async def _send(stream: trio.abc.Stream, reply: dict[str, Any]) -> None:
 
 
 async def serve_control(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     service: ControlService,
     *,
     task_status: trio.TaskStatus[ControlService] = trio.TASK_STATUS_IGNORED,
