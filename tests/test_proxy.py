@@ -235,13 +235,31 @@ class TestNoBackend:
             assert await identities(client) == FAILURE
         assert harness.rescans == 2  # every miss rescans once
 
-    async def test_only_dead_backends_count_as_none(self, harness: Harness) -> None:
-        """Backends known to be dead are not tried; the client gets FAILURE."""
-        dead = FakeAgent("dead")
-        harness.add(dead, "/a/dead", 100, health=Health.DEAD)
+    async def test_dead_backends_are_a_last_resort(self, harness: Harness) -> None:
+        """A backend judged dead is tried only after the usable ones and a rescan; if it
+        answers, it is healthy again."""
+        refusing = harness.add(None, "/a/refusing", 300, health=Health.HEALTHY)
+        judged_dead = FakeAgent("judged-dead")
+        dead = harness.add(judged_dead, "/a/dead", 100, health=Health.DEAD)
+        with trio.fail_after(5):
+            client = harness.open_client()
+            assert await identities(client) == answer_of(judged_dead)
+            await client.stream.aclose()
+            await harness.wait_outcomes(1)
+        assert harness.backends.connects == ["/a/refusing", "/a/dead"]
+        assert harness.rescans == 1
+        revived, failed = harness.registry.get(dead), harness.registry.get(refusing)
+        assert (revived and revived.health, failed and failed.health) == (
+            Health.HEALTHY,
+            Health.DEAD,
+        )
+
+    async def test_only_refusing_backends_mean_failure(self, harness: Harness) -> None:
+        """When every backend, dead ones included, refuses, the client gets FAILURE."""
+        harness.add(None, "/a/stale", 100, health=Health.DEAD)
         with trio.fail_after(5):
             assert await identities(harness.open_client()) == FAILURE
-        assert dead.connections == 0
+        assert harness.backends.connects == ["/a/stale"]
 
     async def test_a_miss_rescans_and_uses_what_appeared(self, harness: Harness) -> None:
         """A session that appeared since the last scan is found by the miss's rescan."""

@@ -180,9 +180,10 @@ def _run_trio(
     import trio  # noqa: PLC0415
 
     from switcher.daemon import run_daemon  # noqa: PLC0415
-    from switcher.hardening import disable_ptrace  # noqa: PLC0415
+    from switcher.hardening import disable_ptrace, raise_open_files_limit  # noqa: PLC0415
 
     disable_ptrace()
+    raise_open_files_limit()
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:

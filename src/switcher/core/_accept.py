@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import resource
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -16,6 +17,8 @@ log = structlog.get_logger()
 # than spin on an error that will not clear until some connection closes.
 _ACCEPT_BACKOFF = 0.1
 _ACCEPT_BACKOFF_MAX = 1.0
+# The fewest descriptors kept back from relayed connections (see descriptor_budget).
+_RESERVED_DESCRIPTORS = 16
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -23,18 +26,58 @@ async def accept_loop(
     listener: trio.abc.Listener[trio.SocketStream],
     handlers: trio.Nursery,
     handle: Callable[[trio.SocketStream], Awaitable[object]],
+    *,
+    admission: trio.Semaphore | None = None,
 ) -> None:
-    """Accept forever, starting ``handle`` for each connection in ``handlers``."""
+    """Accept forever, starting ``handle`` for each connection in ``handlers``.
+
+    With ``admission``, a connection is accepted only once a slot is free,
+    and its slot is given back when ``handle`` returns; clients beyond that
+    wait in the kernel's listen queue rather than being accepted and failed.
+    """
     backoff = _ACCEPT_BACKOFF
     while True:
+        if admission is not None:
+            await admission.acquire()
         try:
             stream = await listener.accept()
         except OSError as exc:
+            if admission is not None:
+                admission.release()
             if exc.errno not in _RESOURCE_ERRNOS:
                 raise
             log.error("switcher.accept_failed", reason=describe_os_error(exc), pause_s=backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
             continue
+        except BaseException:
+            if admission is not None:
+                admission.release()
+            raise
         backoff = _ACCEPT_BACKOFF
-        handlers.start_soon(handle, stream)
+        handlers.start_soon(_admitted, handle, stream, admission)
+
+
+async def _admitted(
+    handle: Callable[[trio.SocketStream], Awaitable[object]],
+    stream: trio.SocketStream,
+    admission: trio.Semaphore | None,
+) -> None:
+    try:
+        await handle(stream)
+    finally:
+        if admission is not None:
+            admission.release()
+
+
+def descriptor_budget() -> int:
+    """How many relayed connections fit in our descriptor limit, two descriptors each.
+
+    An eighth of the limit (at least 16) stays in reserve for everything
+    else: listeners, locks, the log, probes, control clients, trio's own.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    reserve = max(_RESERVED_DESCRIPTORS, soft // 8)
+    return max(1, (soft - reserve) // 2)

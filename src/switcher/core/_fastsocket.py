@@ -12,6 +12,7 @@ that did not need to wait.
 
 from __future__ import annotations
 
+import select
 import socket
 
 import trio
@@ -106,6 +107,19 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         except trio.ClosedResourceError:
             raise trio.ClosedResourceError("the stream was closed while waiting") from None
 
+    def peer_closed(self) -> bool:
+        """Whether the peer closed its socket entirely (not just its write side).
+
+        A Unix socket reports POLLHUP only once the peer has shut down both
+        directions, so this tells a client that went away from one that
+        half-closed and still waits for its reply.
+        """
+        if self._closed:
+            return True
+        poller = select.poll()
+        poller.register(self._sock, select.POLLHUP)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.wait_writable(self._sock)
 
@@ -124,3 +138,8 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
         await trio.lowlevel.checkpoint()
+
+
+def peer_closed(stream: trio.abc.Stream) -> bool:
+    """Whether ``stream``'s peer is known to have gone; False when we cannot tell."""
+    return isinstance(stream, FastSocketStream) and stream.peer_closed()

@@ -15,6 +15,7 @@ conversation belongs to that backend, and losing it closes the client.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -32,8 +33,8 @@ from switcher.core._peer import (
     peer_credentials,
     uid_allowed,
 )
-from switcher.core._accept import accept_loop
-from switcher.core._fastsocket import FastSocketStream
+from switcher.core._accept import accept_loop, descriptor_budget
+from switcher.core._fastsocket import FastSocketStream, peer_closed
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
 from switcher.core._registry import Backend, Registry
 
@@ -42,6 +43,14 @@ log = structlog.get_logger()
 # Reads are at most this big; a whole maximal message is 256 KiB + 4, so
 # typical messages (a few hundred bytes) arrive in one read.
 _RECEIVE_SIZE = 64 * 1024
+
+# While a reply is owed, how often to check that the client is still there.
+_CLIENT_CHECK_INTERVAL = 1.0
+
+# Out of descriptors, how long a client we accepted waits for one to free
+# up before it is answered FAILURE, and how often we try again meanwhile.
+_RESOURCE_WAIT = 5.0
+_RESOURCE_RETRY = 0.05
 
 # Requests kept for replay before the first reply. Beyond this, a client is
 # pipelining far more than any OpenSSH client does; we stop keeping copies
@@ -203,7 +212,7 @@ class _Connection:
                 raise _Lost(_reason(exc)) from None
         while self.outstanding:
             try:
-                data = await upstream.receive_some(_RECEIVE_SIZE)
+                data = await self._receive_reply(upstream)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _Lost(_reason(exc)) from None
             if not data:
@@ -225,6 +234,19 @@ class _Connection:
                 self.outstanding.popleft()
             self.served += len(replies)
             await self._send_client(b"".join(replies))
+
+    async def _receive_reply(self, upstream: trio.abc.Stream) -> bytes:
+        """Wait for reply bytes for as long as the agent needs, while the client is there.
+
+        No timeout: a touch or a confirmation may take minutes. But a client
+        that went away while it waited must not pin two descriptors for as
+        long as the agent takes (possibly forever), so look every so often.
+        """
+        while True:
+            with trio.move_on_after(_CLIENT_CHECK_INTERVAL):
+                return await upstream.receive_some(_RECEIVE_SIZE)
+            if peer_closed(self.client):
+                raise _Finished("client_vanished")
 
     async def _fail_over(self, lost: _Lost) -> None:
         """The backend failed: replay to the next one if no reply reached the client yet."""
@@ -249,33 +271,56 @@ class _Connection:
         self.upstream_decoder = FrameDecoder()
 
     async def _attach(self, tried: set[str]) -> bool:
-        """Connect to the best backend not tried yet; rescan once if we run out."""
-        rescanned = False
-        while True:
-            for backend in self.registry.snapshot().usable:
+        """Connect to the best backend not tried yet; False if none would take us.
+
+        In rank order: every usable backend; on a miss, the same after a
+        rescan (a session may have appeared since the last one); and last,
+        before telling the client FAILURE, the ones judged dead, since a
+        judgement can be stale (a socket probed between sshd's bind() and
+        listen() looks dead until the next probe).
+        """
+        for attempt in ("usable", "rescanned", "dead"):
+            if attempt == "rescanned":
+                await self.rescan()
+            snapshot = self.registry.snapshot()
+            candidates = snapshot.dead if attempt == "dead" else snapshot.usable
+            for backend in candidates:
                 if backend.id in tried:
                     continue
                 tried.add(backend.id)
                 try:
-                    self.upstream = await self.connect(backend)
-                except LocalResourceError as exc:
-                    # Out of descriptors: no backend is to blame, and trying
-                    # the others would fail the same way. Answer FAILURE.
-                    log.error("switcher.proxy.no_resources", reason=str(exc))
+                    self.upstream = await self._connect(backend)
+                except LocalResourceError:
                     return False
                 except BackendUnavailableError as exc:
                     self.registry.record_failure(backend.id, str(exc))
-                    log.warning(
-                        "switcher.proxy.backend_unavailable", backend=backend.id, reason=str(exc)
-                    )
+                    if attempt != "dead":
+                        log.warning(
+                            "switcher.proxy.backend_unavailable",
+                            backend=backend.id,
+                            reason=str(exc),
+                        )
                     continue
                 self.backend = backend
                 return True
-            if rescanned:
-                return False
-            # A miss: a session may have appeared since the last scan.
-            await self.rescan()
-            rescanned = True
+        return False
+
+    async def _connect(self, backend: Backend) -> trio.abc.Stream:
+        """Connect, waiting a little if we are out of descriptors.
+
+        Running out is our shortage, not the backend's fault: connections
+        in flight will finish and free some, so a client we accepted is
+        better served late than failed at once.
+        """
+        deadline = trio.current_time() + _RESOURCE_WAIT
+        while True:
+            try:
+                return await self.connect(backend)
+            except LocalResourceError as exc:
+                if trio.current_time() >= deadline:
+                    log.error("switcher.proxy.no_resources", reason=str(exc))
+                    raise
+                await trio.sleep(_RESOURCE_RETRY)
 
     async def _answer_locally(self) -> None:
         """No backend at all: fail every waiting request at once, so clients don't hang."""
@@ -326,11 +371,20 @@ async def relay_connection(
         outcome = finished.outcome
     finally:
         if connection.backend is not None:
-            registry.record_traffic(
+            revived = registry.record_traffic(
                 connection.backend.id,
                 served=connection.served,
                 failed=len(connection.outstanding) if outcome != "ok" else 0,
             )
+            if revived is not None:
+                log.info(
+                    "switcher.prober.health_changed",
+                    backend=revived.backend.id,
+                    path=revived.backend.path,
+                    previous=revived.previous.value,
+                    health=revived.backend.health.value,
+                    reason="answered a client",
+                )
         with trio.CancelScope(shield=True):
             await client.aclose()
         log.info(
@@ -462,7 +516,12 @@ async def serve_agent_proxy(
     try:
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as acceptors:
-                acceptors.start_soon(accept_loop, listener, handlers, handle)
+                # Admit no more clients than we have descriptors to relay:
+                # a client we accept must get its backend connection too.
+                admission = trio.Semaphore(descriptor_budget())
+                acceptors.start_soon(
+                    functools.partial(accept_loop, admission=admission), listener, handlers, handle
+                )
                 task_status.started(server)
                 await server._stop.wait()  # noqa: SLF001
                 acceptors.cancel_scope.cancel()

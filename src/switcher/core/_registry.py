@@ -92,6 +92,11 @@ class Snapshot:
         usable = self.usable
         return usable[0] if usable else None
 
+    @property
+    def dead(self) -> tuple[Backend, ...]:
+        """Backends judged dead, best first: a last resort before failing a client."""
+        return tuple(b for b in self.backends if b.health is Health.DEAD)
+
     def find(self, backend_id: str) -> Backend | None:
         for backend in self.backends:
             if backend.id == backend_id:
@@ -214,19 +219,25 @@ class Registry:
             return None
         return HealthChange(new, backend.health)
 
-    def record_traffic(self, backend_id: str, *, served: int, failed: int) -> None:
-        """Count requests a connection relayed; any answer is a success."""
+    def record_traffic(self, backend_id: str, *, served: int, failed: int) -> HealthChange | None:
+        """Count requests a connection relayed; any answer is a success.
+
+        An answer from a backend judged dead proves it alive again: it goes
+        back to healthy without waiting for the next probe.
+        """
         backend = self.get(backend_id)
         if backend is None or (served == 0 and failed == 0):
-            return
-        self._replace(
-            attrs.evolve(
-                backend,
-                served=backend.served + served,
-                failed=backend.failed + failed,
-                last_success=self._clock() if served else backend.last_success,
-            )
+            return None
+        revived = served > 0 and backend.health is Health.DEAD
+        new = attrs.evolve(
+            backend,
+            served=backend.served + served,
+            failed=backend.failed + failed,
+            last_success=self._clock() if served else backend.last_success,
+            health=Health.HEALTHY if revived else backend.health,
         )
+        self._replace(new)
+        return HealthChange(new, backend.health) if revived else None
 
     def record_failure(self, backend_id: str, error: str) -> HealthChange | None:
         """The proxy could not use this backend: rank it last until a probe says otherwise."""
