@@ -170,3 +170,43 @@ class AgentClient:
     async def at_eof(self) -> bool:
         """Whether the other side closed (with nothing more to read)."""
         return self.decoder.buffered == 0 and await self.stream.receive_some(1) == b""
+
+
+class OnSign(enum.Enum):
+    """What a :class:`SignFaultAgent` does with a SIGN_REQUEST."""
+
+    HANG = "hang"  # never answers (a touch that never comes, a laptop gone to sleep)
+    HOLD = "hold"  # answers once the test sets ``release``
+    GARBAGE = "garbage"  # answers with an oversized length prefix, then closes
+    TRUNCATE = "truncate"  # sends half the reply, then closes (dies mid-reply)
+
+
+@attrs.define(eq=False)
+class SignFaultAgent(FakeAgent):
+    """An agent healthy to every probe that misbehaves only when asked to sign.
+
+    The prober sends REQUEST_IDENTITIES, so the daemon ranks this agent
+    healthy and routes signatures to it: the fault happens in the relay.
+    """
+
+    on_sign: OnSign = OnSign.HANG
+    # Set when the first SIGN_REQUEST arrives (and stays set).
+    sign_seen: trio.Event = attrs.Factory(trio.Event)
+    release: trio.Event = attrs.Factory(trio.Event)
+
+    async def _reply(self, stream: trio.abc.Stream, message_type: int) -> bool:
+        if message_type != MessageType.SIGN_REQUEST:
+            return await super()._reply(stream, message_type)
+        self.sign_seen.set()
+        if self.on_sign is OnSign.HANG:
+            await trio.sleep_forever()
+        if self.on_sign is OnSign.GARBAGE:
+            await stream.send_all(b"\xff\xff\xff\xff garbage")
+            return False
+        reply = self.answer(message_type)
+        if self.on_sign is OnSign.TRUNCATE:
+            await stream.send_all(reply[: len(reply) // 2])
+            return False
+        await self.release.wait()
+        await stream.send_all(reply)
+        return True
