@@ -573,7 +573,7 @@ class TestNoDaemon:
 
     def test_the_default_path_suggests_the_plain_command(self) -> None:
         """At the default control path the hint is just `switcher daemon`."""
-        path = paths.default_control_path()
+        path = os.fspath(paths.default_control_path())
         error = _ctl._connect_error(path, FileNotFoundError(errno.ENOENT, "No such file"))
         assert (str(error), error.status) == (
             f"no daemon at {path} (start one with: switcher daemon)",

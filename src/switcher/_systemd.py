@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from pathlib import Path
+
+# socket is imported where it is used: without systemd (and when a daemon
+# already runs) start-up should not pay for it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 # Not `from typing import TYPE_CHECKING`: see switcher.paths.
 TYPE_CHECKING = False
@@ -76,6 +81,8 @@ def listen_fds(environ: MutableMapping[str, str], pid: int) -> list[tuple[str, i
 def listening_unix_socket(name: str, fd: int) -> tuple[Path, socket.socket]:
     """Take over inherited descriptor ``fd``: a listening Unix stream socket with a path."""
     try:
+        import socket  # noqa: PLC0415 (see the note on imports at the top)
+
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise ActivationError(f"inherited descriptor {fd} ({name}): {exc.strerror}") from None
@@ -107,5 +114,7 @@ def notify(address: str, message: str) -> None:
         target = address
     else:
         raise OSError(errno.EAFNOSUPPORT, f"unsupported NOTIFY_SOCKET address {address!r}")
+    import socket  # noqa: PLC0415 (see the note on imports at the top)
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.sendto(message.encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, target)

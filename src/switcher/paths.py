@@ -11,9 +11,16 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import stat
 from pathlib import Path
+
+from switcher import _defaults
+
+# socket is imported where a socket is made: `switcher daemon --daemon` with a
+# daemon already running stops at the lock, and should not pay for it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 # Not `from typing import TYPE_CHECKING`: importing typing would cost the
 # commands that must start instantly a few milliseconds.
@@ -24,8 +31,8 @@ if TYPE_CHECKING:
 # Linux's sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
-AGENT_SOCKET_NAME = "agent.sock"
-CONTROL_SOCKET_NAME = "control.sock"
+AGENT_SOCKET_NAME = _defaults.AGENT_SOCKET_NAME
+CONTROL_SOCKET_NAME = _defaults.CONTROL_SOCKET_NAME
 PID_FILE_NAME = "switcher.pid"
 LOG_FILE_NAME = "switcher.log"
 
@@ -44,13 +51,8 @@ class AlreadyRunningError(Exception):
 
 
 def runtime_dir(uid: int | None = None) -> Path:
-    """``/tmp/switcher-$UID``: the private directory for switcher's sockets.
-
-    Like tmux's ``/tmp/tmux-$UID``, it lives in ``/tmp`` (not ``$XDG_RUNTIME_DIR``)
-    because that is what survives logout on hosts without lingering systemd
-    user sessions, and the whole point is to outlive the SSH session.
-    """
-    return Path("/tmp") / f"switcher-{os.getuid() if uid is None else uid}"  # noqa: S108
+    """``/tmp/switcher-$UID``: the private directory for switcher's sockets (see _defaults)."""
+    return Path(_defaults.runtime_dir(uid))
 
 
 def default_socket_path() -> Path:
@@ -238,6 +240,8 @@ def prepare_socket_dir(path: Path, *, default_dir: Path) -> None:
 
 def socket_answers(path: Path) -> bool:
     """Whether something accepts connections on the Unix socket at ``path``."""
+    import socket  # noqa: PLC0415 (see the note on imports at the top)
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(os.fspath(path))
@@ -312,6 +316,8 @@ def bind_private_socket(path: Path, backlog: int | None) -> socket.socket:
     With ``backlog=None`` it only binds: the path is taken, but clients are
     refused until the caller listens.
     """
+    import socket  # noqa: PLC0415 (see the note on imports at the top)
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         old_umask = os.umask(0o177)

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
-import shlex
-import socket
 import sys
-import time
-from pathlib import Path
+from switcher import __version__, _defaults
 
-from switcher import __version__, paths
+# json, shlex, socket and time are imported where they are used: this module
+# is loaded by every `switcher` command (for its argument parser), and those
+# imports would cost `switcher path` and `switcher daemon --daemon` start-up
+# time they do not need.
 
 # Not `from typing import TYPE_CHECKING`: importing typing costs `switcher ctl`
 # a few milliseconds of its start-up (benchmarks/startup.py), and mypy and
 # ruff recognise the name alone.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable, Sequence
     from types import TracebackType
     from typing import Any, Self
@@ -88,7 +88,7 @@ def _add_shared_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     # given before the command.
     parser.add_argument(
         "--control-path",
-        type=Path,
+        # A plain string: pathlib would cost start-up time for nothing.
         default=argparse.SUPPRESS if suppress else None,
         metavar="PATH",
         help="the daemon's control socket (default: /tmp/switcher-$UID/control.sock)",
@@ -148,7 +148,7 @@ def add_parser(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out ``switcher ctl``; return the exit status."""
-    path: Path = args.control_path or paths.default_control_path()
+    path: str = os.fspath(args.control_path or _defaults.control_path())
     command = _COMMANDS[args.ctl_command]
     try:
         with _Connection.open(path) as connection:
@@ -169,13 +169,15 @@ def run(args: argparse.Namespace) -> int:
 class _Connection:
     """One control connection: requests out, JSON lines back."""
 
-    def __init__(self, path: Path, sock: socket.socket) -> None:
+    def __init__(self, path: str, sock: socket.socket) -> None:
         self.path = path
         self._sock = sock
         self._reader = sock.makefile("rb")
 
     @classmethod
-    def open(cls, path: Path) -> Self:
+    def open(cls, path: str) -> Self:
+        import socket  # noqa: PLC0415 (see the note on imports at the top)
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(CONNECT_TIMEOUT_S)
         try:
@@ -200,6 +202,8 @@ class _Connection:
 
     def request(self, cmd: str, **arguments: object) -> tuple[str, Reply]:
         """Send one request and return its reply, as text and as an object."""
+        import json  # noqa: PLC0415 (see the note on imports at the top)
+
         line = json.dumps({"v": PROTOCOL_VERSION, "cmd": cmd, **arguments}) + "\n"
         try:
             self._sock.sendall(line.encode())
@@ -239,6 +243,8 @@ class _Connection:
             raise CtlError(f"the daemon at {self.path} closed the connection in mid-reply")
         try:
             text = data.decode()
+            import json  # noqa: PLC0415 (see the note on imports at the top)
+
             value = json.loads(text)
         except ValueError:
             excerpt = data.decode(errors="replace").strip()[:EXCERPT_CHARS]
@@ -250,12 +256,14 @@ class _Connection:
         return text.rstrip("\n"), value
 
 
-def _connect_error(path: Path, exc: OSError) -> CtlError:
+def _connect_error(path: str, exc: OSError) -> CtlError:
     if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
         # ENOENT: never started; ECONNREFUSED: a socket file left by one that died.
-        if path == paths.default_control_path():
+        if path == _defaults.control_path():
             start = "switcher daemon"
         else:
+            import shlex  # noqa: PLC0415 (see the note on imports at the top)
+
             start = f"switcher daemon --control-path {shlex.quote(os.fspath(path))}"
         return CtlError(f"no daemon at {path} (start one with: {start})", EXIT_NO_DAEMON)
     if isinstance(exc, TimeoutError) or exc.errno == errno.EAGAIN:
@@ -317,6 +325,8 @@ def _json_or_human(
 
 
 def _list(connection: _Connection, args: argparse.Namespace) -> None:
+    import time  # noqa: PLC0415 (see the note on imports at the top)
+
     _json_or_human(connection, args, lambda reply: render_list(reply, time.time()), "list")
 
 
@@ -482,6 +492,8 @@ def render_event(event: Reply) -> str:
         return f"choice {_or_none(event['choice'])} (was {_or_none(event.get('previous'))})"
     # An event newer than this client: show it rather than drop it.
     rest = {k: v for k, v in event.items() if k != "event"}
+    import json  # noqa: PLC0415 (see the note on imports at the top)
+
     return f"{kind} {json.dumps(rest, separators=(',', ':'))}"
 
 
@@ -552,4 +564,6 @@ def _or_none(value: object) -> str:
 
 
 def _clock() -> str:
+    import time  # noqa: PLC0415 (see the note on imports at the top)
+
     return time.strftime("%H:%M:%S")

@@ -4,10 +4,15 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from switcher import __version__, paths
+from switcher import __version__
 from switcher.cli import _ctl
+
+# pathlib and switcher.paths are loaded by the commands that use them:
+# `switcher ctl`, run by status lines every few seconds, needs neither.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # Exit codes of `switcher daemon`, documented in --help and the README.
 EXIT_OK = 0
@@ -52,6 +57,12 @@ already running) and sets SSH_AUTH_SOCK only if a socket of yours is there;
 otherwise it leaves SSH_AUTH_SOCK alone and prints one warning line. Daemon
 flags given here are passed on to the daemon.
 """
+
+
+def _path(text: str) -> Path:
+    from pathlib import Path  # noqa: PLC0415 (see the note on imports at the top)
+
+    return Path(text)
 
 
 def _positive_seconds(text: str) -> float:
@@ -114,7 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "path",
         help="print the agent socket path",
         description='Print the stable socket path, for: export SSH_AUTH_SOCK="$(switcher path)"',
-    ).add_argument("--socket-path", type=Path, default=None, help=argparse.SUPPRESS)
+    ).add_argument("--socket-path", type=_path, default=None, help=argparse.SUPPRESS)
     _ctl.add_parser(commands)
     return parser
 
@@ -130,13 +141,13 @@ def _add_daemon_options(
     return [
         parser.add_argument(
             "--socket-path",
-            type=Path,
+            type=_path,
             default=default(None),
             help="the stable agent socket (default: /tmp/switcher-$UID/agent.sock)",
         ),
         parser.add_argument(
             "--control-path",
-            type=Path,
+            type=_path,
             default=default(None),
             help="the JSON control socket (default: /tmp/switcher-$UID/control.sock)",
         ),
@@ -149,7 +160,7 @@ def _add_daemon_options(
         ),
         parser.add_argument(
             "--log-file",
-            type=Path,
+            type=_path,
             default=default(None),
             help="append JSON log lines here (default: stderr; with --daemon: "
             "$XDG_STATE_HOME/switcher/switcher.log)",
@@ -161,7 +172,7 @@ def _add_daemon_options(
         ),
         parser.add_argument(
             "--pid-file",
-            type=Path,
+            type=_path,
             default=default(None),
             help="write the daemon's pid here (default: none; with --daemon: "
             "$XDG_RUNTIME_DIR/switcher.pid, or $XDG_STATE_HOME/switcher/switcher.pid)",
@@ -192,6 +203,8 @@ def _add_daemon_options(
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "path":
+        from switcher import paths  # noqa: PLC0415 (see the note on imports at the top)
+
         print(args.socket_path or paths.default_socket_path())
         return EXIT_OK
     if args.command == "daemon":

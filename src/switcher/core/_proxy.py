@@ -204,10 +204,10 @@ class _Connection:
     async def _exchange(self, upstream: trio.abc.Stream) -> None:
         """Send what is unsent, then relay replies until none is owed."""
         if self.unsent:
-            data = b"".join(self.unsent)
+            requests = b"".join(self.unsent)
             self.unsent.clear()
             try:
-                await upstream.send_all(data)
+                await upstream.send_all(requests)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _Lost(_reason(exc)) from None
         while self.outstanding:
@@ -235,7 +235,7 @@ class _Connection:
             self.served += len(replies)
             await self._send_client(b"".join(replies))
 
-    async def _receive_reply(self, upstream: trio.abc.Stream) -> bytes:
+    async def _receive_reply(self, upstream: trio.abc.Stream) -> bytes | bytearray:
         """Wait for reply bytes for as long as the agent needs, while the client is there.
 
         No timeout: a touch or a confirmation may take minutes. But a client
