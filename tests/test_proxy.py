@@ -211,6 +211,21 @@ class TestFailover:
         assert replies == [good.answer(MessageType.EXTENSION), answer_of(good),
                            good.answer(MessageType.SIGN_REQUEST)]
 
+    async def test_a_large_pipelined_burst_fails_over_whole(self, harness: Harness) -> None:
+        """Over 1 MiB of pipelined requests sent before any reply are all answered, in order,
+        by the next backend when the first one dies: nothing is lost or reordered."""
+        bad = FakeAgent("bad", behaviour=Behaviour.TRUNCATE)
+        good = FakeAgent("good")
+        harness.add(bad, "/a/bad", 200, health=Health.HEALTHY)
+        harness.add(good, "/a/good", 100, health=Health.HEALTHY)
+        burst = [encode(MessageType.SIGN_REQUEST, bytes([i]) * (250 * 1024)) for i in range(5)]
+        with trio.fail_after(5):
+            client = harness.open_client()
+            await client.stream.send_all(b"".join(burst))
+            replies = [await client.read_frame() for _ in burst]
+        assert good.raw_requests == burst
+        assert replies == [good.answer(MessageType.SIGN_REQUEST)] * 5
+
     async def test_no_failover_once_a_reply_was_delivered(self, harness: Harness) -> None:
         """After a reply reached the client, losing the backend closes the client instead."""
         flaky = FakeAgent("flaky", behaviour=Behaviour.DIE_AFTER_FIRST)

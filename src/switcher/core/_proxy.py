@@ -52,12 +52,6 @@ _CLIENT_CHECK_INTERVAL = 1.0
 _RESOURCE_WAIT = 5.0
 _RESOURCE_RETRY = 0.05
 
-# Requests kept for replay before the first reply. Beyond this, a client is
-# pipelining far more than any OpenSSH client does; we stop keeping copies
-# (and so give up failover for that connection) rather than buffer without
-# bound.
-_REPLAY_LIMIT_BYTES = 1024 * 1024
-
 Connector = Callable[[Backend], Awaitable[trio.abc.Stream]]
 Rescan = Callable[[], Awaitable[None]]
 
@@ -101,10 +95,9 @@ class _Connection:
     # Requests received but not yet sent to the current backend.
     unsent: list[bytes] = attrs.Factory(list)
     # Every request since the start, while no reply has reached the client;
-    # None once one has (committed) or once it grew past the replay limit.
+    # None once one has (committed). In lockstep this is only the batch in
+    # hand (one read, at most one maximal message more), so it needs no cap.
     replay: list[bytes] | None = attrs.Factory(list)
-    replay_bytes: int = 0
-    committed: bool = False
     backend: Backend | None = None
     # What we log: counts and sizes only, never contents.
     request_types: collections.Counter[str] = attrs.Factory(collections.Counter)
@@ -173,11 +166,7 @@ class _Connection:
         self.outstanding.append(frame.type)
         self.unsent.append(frame.raw)
         if self.replay is not None:
-            self.replay_bytes += len(frame.raw)
-            if self.replay_bytes > _REPLAY_LIMIT_BYTES:
-                self.replay = None
-            else:
-                self.replay.append(frame.raw)
+            self.replay.append(frame.raw)
 
     async def _send_client(self, data: bytes) -> None:
         try:
@@ -228,7 +217,6 @@ class _Connection:
                 continue
             # Whole replies only: the client never sees half a message, and a
             # reply cut off by a dying backend never commits us to it.
-            self.committed = True
             self.replay = None
             for _ in range(min(len(replies), len(self.outstanding))):
                 self.outstanding.popleft()
@@ -254,8 +242,8 @@ class _Connection:
         with trio.CancelScope(shield=True):
             await self.upstream.aclose()
         self.upstream = None
-        if self.committed or self.replay is None:
-            # The conversation belonged to that session (or we kept no copy).
+        if self.replay is None:
+            # A reply reached the client: the conversation belonged to that session.
             raise _Finished("backend_lost")
         # Nothing reached the client yet: it will never know.
         self.registry.record_failure(self.backend.id, lost.reason)
@@ -330,7 +318,6 @@ class _Connection:
         self.answered_locally += count
         if self.replay is not None:
             self.replay.clear()
-            self.replay_bytes = 0
         await self._send_client(FAILURE_FRAME * count)
 
 
