@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -36,6 +38,9 @@ def typing(session: nox.Session) -> None:
     """mypy, strict, over the sources and the tests."""
     session.install("-e", ".", *nox.project.dependency_groups(PYPROJECT, "typing"))
     session.run("mypy")
+    # The end-to-end suite, on its own: its conftest.py would clash with tests/conftest.py.
+    e2e = sorted(str(path) for path in Path("tests/e2e").glob("*.py"))
+    session.run("mypy", "--explicit-package-bases", *e2e, env={"MYPYPATH": "src:tests/e2e"})
 
 
 @nox.session

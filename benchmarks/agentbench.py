@@ -110,7 +110,12 @@ def _worker(args: tuple[str, str, bytes, int]) -> list[float]:
 
 
 def run_parallel(
-    pool: multiprocessing.pool.Pool, workload: str, path: str, request: bytes, count: int, workers: int
+    pool: multiprocessing.pool.Pool,
+    workload: str,
+    path: str,
+    request: bytes,
+    count: int,
+    workers: int,
 ) -> tuple[float, list[float]]:
     """Run ``workers`` clients at once; return (requests per second, all latencies)."""
     started = time.perf_counter()

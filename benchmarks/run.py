@@ -98,9 +98,7 @@ def ssh_add(sock: Path, key: Path) -> None:
 
 
 def keygen(path: Path) -> Path:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True
-    )
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path
 
 
@@ -131,11 +129,18 @@ def switcher_daemon(root: Path, agents: Path) -> Iterator[tuple[subprocess.Popen
     root.mkdir()
     sock = root / "s.sock"
     argv = [
-        sys.executable, "-m", "switcher", "daemon",
-        "--socket-path", str(sock),
-        "--control-path", str(root / "c.sock"),
-        "--agents-dirs", str(agents),
-        "--log-file", str(root / "daemon.log"),
+        sys.executable,
+        "-m",
+        "switcher",
+        "daemon",
+        "--socket-path",
+        str(sock),
+        "--control-path",
+        str(root / "c.sock"),
+        "--agents-dirs",
+        str(agents),
+        "--log-file",
+        str(root / "daemon.log"),
     ]
     if os.geteuid() == 0:
         argv.append("--allow-root")
@@ -184,7 +189,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {
             "cores": os.cpu_count(),
             "python": sys.version.split()[0],
-            "openssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+            "openssh": subprocess.run(
+                ["ssh", "-V"], capture_output=True, text=True, check=False
+            ).stderr.strip(),
         },
         "rounds": args.rounds,
         "workers": workers,
@@ -213,11 +220,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     ab.new_connection_each(str(path), ident, 50)
                     ab.one_connection(str(path), sign, 20)
 
-                def rate(workload: str, path: Path, request: bytes, count: int, procs: int) -> Callable[[], float]:
+                def rate(
+                    workload: str, path: Path, request: bytes, count: int, procs: int
+                ) -> Callable[[], float]:
                     def run() -> float:
-                        per_second, latencies = ab.run_parallel(pool, workload, str(path), request, count, procs)
-                        latency_log.setdefault((workload, str(path), request[4]), []).extend(latencies)
+                        per_second, latencies = ab.run_parallel(
+                            pool, workload, str(path), request, count, procs
+                        )
+                        latency_log.setdefault((workload, str(path), request[4]), []).extend(
+                            latencies
+                        )
                         return per_second
+
                     return run
 
                 latency_log: dict[tuple[str, str, int], list[float]] = {}
@@ -250,7 +264,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     }
 
                 report["a_new_connection"] = _ratio(a["proxied"], a["direct"]) | {
-                    "direct_latency": latency(live), "proxied_latency": latency(proxied),
+                    "direct_latency": latency(live),
+                    "proxied_latency": latency(proxied),
                 }
                 report["b_identities_one_connection"] = _ratio(b["proxied"], b["direct"])
                 report["c_sign_one_connection"] = _ratio(c["proxied"], c["direct"])
@@ -260,7 +275,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         "b_identities_one_connection": _ratio(b["socat"], b["direct"], "socat"),
                         "c_sign_one_connection": _ratio(c["socat"], c["direct"], "socat"),
                     }
-                report["d_crowded_over_clean"] = _ratio(a["crowded"], a["proxied"], "crowded", "clean")
+                report["d_crowded_over_clean"] = _ratio(
+                    a["crowded"], a["proxied"], "crowded", "clean"
+                )
                 report["e_memory"] = memory(daemon.pid, proxied, ident)
                 report["g_first_use"] = first_use(tmp, clean, proxied, args.rounds)
         report["f_startup"] = startup(args)
@@ -269,7 +286,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _ratio(a: list[float], b: list[float], a_name: str = "proxied", b_name: str = "direct") -> dict[str, Any]:
+def _ratio(
+    a: list[float], b: list[float], a_name: str = "proxied", b_name: str = "direct"
+) -> dict[str, Any]:
     ma, mb = statistics.median(a), statistics.median(b)
     return {
         f"{a_name}_per_s": round(ma, 1),
@@ -324,8 +343,11 @@ def first_use(tmp: Path, agents: Path, proxied: Path, rounds: int) -> dict[str, 
             session.rmdir()
             while blob2 in _identities(proxied):
                 time.sleep(0.002)
-    return {"median_s": round(statistics.median(delays), 3), "max_s": round(max(delays), 3),
-            "rounds": [round(d, 3) for d in delays]}
+    return {
+        "median_s": round(statistics.median(delays), 3),
+        "max_s": round(max(delays), 3),
+        "rounds": [round(d, 3) for d in delays],
+    }
 
 
 def _identities(path: Path) -> bytes:
@@ -335,12 +357,21 @@ def _identities(path: Path) -> bytes:
 
 def startup(args: argparse.Namespace) -> dict[str, Any]:
     result = subprocess.run(
-        [sys.executable, str(HERE / "startup.py"), "--json", "--rounds", str(10 if args.quick else 30)],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            str(HERE / "startup.py"),
+            "--json",
+            "--rounds",
+            str(10 if args.quick else 30),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1:] or ["failed"]}
-    return json.loads(result.stdout)
+    figures: dict[str, Any] = json.loads(result.stdout)
+    return figures
 
 
 def verdicts(report: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -349,16 +380,36 @@ def verdicts(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     for name, floor in TARGETS.items():
         ratio = report[name]["ratio"]
         reference = f", socat {socat[name]['ratio']:.2f}" if name in socat else ""
-        rows.append((name, f"ratio {ratio:.2f} (target >= {floor:.2f}{reference})",
-                     "met" if ratio >= floor else "MISSED"))
+        rows.append(
+            (
+                name,
+                f"ratio {ratio:.2f} (target >= {floor:.2f}{reference})",
+                "met" if ratio >= floor else "MISSED",
+            )
+        )
     mem = report["e_memory"]
-    rows.append(("e_idle_rss", f"{mem['idle_rss_mb']} MB (target <= {IDLE_RSS_CEILING_MB:g})",
-                 "met" if mem["idle_rss_mb"] <= IDLE_RSS_CEILING_MB else "MISSED"))
-    rows.append(("e_500_idle_connections", f"+{mem['added_mb']} MB (target <= {IDLE_CONNECTIONS_RSS_CEILING_MB:g})",
-                 "met" if mem["added_mb"] <= IDLE_CONNECTIONS_RSS_CEILING_MB else "MISSED"))
+    rows.append(
+        (
+            "e_idle_rss",
+            f"{mem['idle_rss_mb']} MB (target <= {IDLE_RSS_CEILING_MB:g})",
+            "met" if mem["idle_rss_mb"] <= IDLE_RSS_CEILING_MB else "MISSED",
+        )
+    )
+    rows.append(
+        (
+            "e_500_idle_connections",
+            f"+{mem['added_mb']} MB (target <= {IDLE_CONNECTIONS_RSS_CEILING_MB:g})",
+            "met" if mem["added_mb"] <= IDLE_CONNECTIONS_RSS_CEILING_MB else "MISSED",
+        )
+    )
     first = report["g_first_use"]
-    rows.append(("g_first_use", f"median {first['median_s']} s, max {first['max_s']} s (target <= 1 s)",
-                 "met" if first["max_s"] <= FIRST_USE_CEILING_S else "MISSED"))
+    rows.append(
+        (
+            "g_first_use",
+            f"median {first['median_s']} s, max {first['max_s']} s (target <= 1 s)",
+            "met" if first["max_s"] <= FIRST_USE_CEILING_S else "MISSED",
+        )
+    )
     return rows
 
 

@@ -102,7 +102,10 @@ class FakeAgent:
         return self.behaviour is not Behaviour.DIE_AFTER_FIRST
 
     async def serve_unix(
-        self, path: str, *, task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED
+        self,
+        path: str,
+        *,
+        task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on a real Unix socket at ``path`` until cancelled."""
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

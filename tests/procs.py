@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -25,7 +26,9 @@ ALLOW_ROOT = ["--allow-root"] if os.geteuid() == 0 else []
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SWITCHER, *args], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [*SWITCHER, *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def accepts(path: Path) -> bool:
@@ -130,7 +133,7 @@ async def wait_open_fds_at_most(pid: int, limit: int) -> int:
     Unbounded: callers put a deadline around it and check the count after.
     """
     # Polling: nothing signals another process's descriptor count.
-    while (count := open_fds(pid)) > limit:  # noqa: ASYNC110
+    while (count := open_fds(pid)) > limit:
         await trio.sleep(_POLL_INTERVAL)
     return count
 
@@ -227,10 +230,8 @@ class Reaper:
 
     def kill_all(self) -> None:
         for pidfd in self._pidfds:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # gone already
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # gone already
             select.select([pidfd], [], [], 10)  # let it go before the next test starts
             os.close(pidfd)
         self._pidfds.clear()

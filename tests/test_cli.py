@@ -32,7 +32,10 @@ class TestPath:
     def test_prints_the_default_socket_path(self) -> None:
         """`switcher path` prints /tmp/switcher-$UID/agent.sock, for SSH_AUTH_SOCK."""
         result = run_cli("path")
-        assert (result.returncode, result.stdout) == (0, f"/tmp/switcher-{os.getuid()}/agent.sock\n")
+        assert (result.returncode, result.stdout) == (
+            0,
+            f"/tmp/switcher-{os.getuid()}/agent.sock\n",
+        )
 
 
 class TestSignals:
@@ -78,7 +81,9 @@ class TestSignals:
 class TestStartupRefusals:
     async def test_second_instance_exits_3(self, daemon: Daemon) -> None:
         """A second daemon on the same socket path says so and exits 3; the first keeps serving."""
-        result = run_cli("daemon", *ALLOW_ROOT, "--socket-path", str(daemon.socket_path), "--agents-dirs", "/x")
+        result = run_cli(
+            "daemon", *ALLOW_ROOT, "--socket-path", str(daemon.socket_path), "--agents-dirs", "/x"
+        )
         assert (result.returncode, result.stderr) == (
             3,
             f"switcher: another switcher is already running for {daemon.socket_path}\n",
@@ -110,7 +115,9 @@ class TestStartupRefusals:
         shared = short_tmp / "shared"
         shared.mkdir()
         shared.chmod(0o777)
-        result = run_cli("daemon", *ALLOW_ROOT, "--socket-path", str(shared / "s.sock"), "--agents-dirs", "/x")
+        result = run_cli(
+            "daemon", *ALLOW_ROOT, "--socket-path", str(shared / "s.sock"), "--agents-dirs", "/x"
+        )
         assert result.returncode == 1
         assert "writable by group or others and not sticky" in result.stderr
         assert list(shared.iterdir()) == []
@@ -130,11 +137,12 @@ class TestStartupRefusals:
         assert result.returncode == 2
         assert message in result.stderr
 
-
     @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as root")
     def test_refuses_root_without_allow_root(self, short_tmp: Path) -> None:
         """As root and without --allow-root, the daemon explains and exits 1, creating nothing."""
-        result = run_cli("daemon", "--socket-path", str(short_tmp / "s.sock"), "--agents-dirs", "/x")
+        result = run_cli(
+            "daemon", "--socket-path", str(short_tmp / "s.sock"), "--agents-dirs", "/x"
+        )
         assert result.returncode == 1
         assert result.stderr.startswith("switcher: refusing to run as root: ")
         assert list(short_tmp.iterdir()) == []
@@ -155,6 +163,6 @@ class TestLogs:
             for e in events
             if e["event"] == "switcher.proxy.connection_closed" and e["outcome"] != "closed_idle"
         ]
-        assert [(e["outcome"], e["answered_locally"], e["client_pid"] is not None) for e in closed] == [
-            ("no_backend", 1, True)
-        ]
+        assert [
+            (e["outcome"], e["answered_locally"], e["client_pid"] is not None) for e in closed
+        ] == [("no_backend", 1, True)]

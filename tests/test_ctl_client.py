@@ -565,7 +565,7 @@ class TestNoDaemon:
     )
     def test_a_full_backlog_is_not_no_daemon(self, short_tmp: Path, error: OSError) -> None:
         """A connect that times out or gets EAGAIN means a daemon too busy to accept: exit 1."""
-        failure = _ctl._connect_error(short_tmp, error)
+        failure = _ctl._connect_error(str(short_tmp), error)
         assert (str(failure), failure.status) == (
             f"the daemon at {short_tmp} is not accepting connections",
             1,

@@ -26,7 +26,15 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 async def ctl(world: World, *args: str) -> subprocess.CompletedProcess[bytes]:
     assert world.daemon is not None
     return await trio.run_process(
-        [sys.executable, "-m", "switcher", "ctl", "--control-path", str(world.daemon.control_path), *args],
+        [
+            sys.executable,
+            "-m",
+            "switcher",
+            "ctl",
+            "--control-path",
+            str(world.daemon.control_path),
+            *args,
+        ],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -68,7 +76,7 @@ class TestCtlAgainstTheDaemon:
     async def test_prefer_switches_keys_and_the_pin_ends_with_the_session(
         self, world: World
     ) -> None:
-        """After `ctl prefer OLD` the next request gets the old session's keys; when it ends, the new one's."""
+        """After `ctl prefer OLD` the next request gets the old keys; when it ends, the new ones."""
         old_agent, new_agent = FakeAgent("old", keys=[b"old"]), FakeAgent("new", keys=[b"new"])
         with trio.fail_after(30):
             old, old_session = await world.start_agent(old_agent)
@@ -123,13 +131,24 @@ class TestCtlAgainstTheDaemon:
         with trio.fail_after(30):
             await world.start_agent(FakeAgent("old"))
             await world.start_daemon()
-            await world.wait_until(lambda s: s.choice is not None and s.choice.health is Health.HEALTHY)
+            await world.wait_until(
+                lambda s: s.choice is not None and s.choice.health is Health.HEALTHY
+            )
             assert world.daemon is not None
+            control_path = str(world.daemon.control_path)
             async with trio.open_nursery() as nursery:
                 process: trio.Process = await nursery.start(
-                    lambda task_status: trio.run_process(
-                        [sys.executable, "-m", "switcher", "ctl", "--control-path",
-                         str(world.daemon.control_path), "watch", "--json"],  # type: ignore[union-attr]
+                    lambda task_status: trio.run_process(  # noqa: ASYNC105 (nursery.start awaits it)
+                        [
+                            sys.executable,
+                            "-m",
+                            "switcher",
+                            "ctl",
+                            "--control-path",
+                            control_path,
+                            "watch",
+                            "--json",
+                        ],
                         stdout=subprocess.PIPE,
                         env=ENV,
                         check=False,

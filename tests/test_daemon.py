@@ -66,7 +66,7 @@ class TestServing:
 
 class TestBadBackends:
     async def test_stale_socket_files_are_dead_and_skipped(self, world: World) -> None:
-        """A socket file left by a killed sshd (ECONNREFUSED) is ranked dead; the live one serves."""
+        """A socket left by a killed sshd (ECONNREFUSED) is ranked dead; the live one serves."""
         agent = FakeAgent("live")
         with trio.fail_after(10):
             live_path, _ = await world.start_agent(agent)

@@ -353,7 +353,7 @@ class TestScanRaces:
 
 class TestScanDirs:
     def test_missing_agents_dir(self, short_tmp: Path) -> None:
-        """An agents dir that does not exist (no OpenSSH 10.1 yet) is not an error, but is watched."""
+        """A missing agents dir (no OpenSSH 10.1 yet) is not an error, but is watched."""
         missing = short_tmp / "missing"
         assert scan(settings_for(missing)) == ScanResult((), (), ((os.fspath(missing), -1),), ())
 

@@ -33,7 +33,9 @@ class TestFastSocketStream:
             peer.sendall(b"pong")
             assert await stream.receive_some(10) == b"pong"
 
-    async def test_receive_waits_for_data(self, pair: tuple[FastSocketStream, socket.socket]) -> None:
+    async def test_receive_waits_for_data(
+        self, pair: tuple[FastSocketStream, socket.socket]
+    ) -> None:
         """A receive with nothing available blocks until the peer writes."""
         stream, peer = pair
         received: list[bytes] = []

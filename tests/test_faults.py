@@ -204,7 +204,7 @@ def outcomes(daemon: Daemon) -> list[object]:
 async def wait_for_outcome(daemon: Daemon, outcome: str) -> None:
     """Wait until the daemon has logged a connection that ended with ``outcome``."""
     # Polling: the daemon's log file is all that tells us.
-    while outcome not in outcomes(daemon):  # noqa: ASYNC110
+    while outcome not in outcomes(daemon):
         await trio.sleep(0.05)
 
 
@@ -632,7 +632,7 @@ async def test_real_ssh_agent_killed_mid_signature(
         async with client.stream:
             await client.stream.send_all(encode(MessageType.SIGN_REQUEST, request))
             # Polling: only the askpass's file says the agent is waiting.
-            while not pair.asked.exists():  # noqa: ASYNC110
+            while not pair.asked.exists():
                 await trio.sleep(0.02)
             os.killpg(pair.confirming.pid, signal.SIGKILL)  # the agent and its askpass
             reply = await client.read_frame()

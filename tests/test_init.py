@@ -133,10 +133,14 @@ class TestLogin:
             0,
             "/previous\n",
             [
-                f"switcher: {shared} is writable by group or others and not sticky; "
-                "another user could replace the socket",
-                f"switcher: no socket of yours at {shared / SOCKET_NAME}; "
-                "SSH_AUTH_SOCK left as it was",
+                (
+                    f"switcher: {shared} is writable by group or others and not sticky; "
+                    "another user could replace the socket"
+                ),
+                (
+                    f"switcher: no socket of yours at {shared / SOCKET_NAME}; "
+                    "SSH_AUTH_SOCK left as it was"
+                ),
             ],
         )
 
@@ -190,7 +194,10 @@ class TestOutput:
             *("-m", "switcher", "daemon", "--daemon"),
         ]
 
-    def test_runs_the_switcher_script_by_absolute_path(self, short_tmp: Path) -> None:
+    def test_runs_the_switcher_script_by_absolute_path(
+        self,
+        short_tmp: Path,  # noqa: ARG002 (a private cwd for the relative path)
+    ) -> None:
         """Run as a script by a relative path, the code names that script absolutely."""
         script = Path(sys.executable).parent / "switcher"
         if not script.is_file():

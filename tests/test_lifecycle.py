@@ -270,8 +270,10 @@ class TestStartFailures:
         assert (result.returncode, result.stdout, result.stderr) == (
             1,
             "",
-            f"switcher: {shared} is writable by group or others and not sticky; "
-            "another user could replace the socket\n",
+            (
+                f"switcher: {shared} is writable by group or others and not sticky; "
+                "another user could replace the socket\n"
+            ),
         )
         assert (list(shared.iterdir()), (short_tmp / PID_NAME).exists()) == ([], False)
 

@@ -166,15 +166,32 @@ class TestThroughTheDaemon:
         env = {**os.environ, "SSH_AUTH_SOCK": str(daemon.socket_path)}
         subprocess.run(
             ["ssh-keygen", "-Y", "sign", "-f", f"{key}.pub", "-n", "file", str(data)],
-            env=env, check=True, capture_output=True, timeout=60,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
         signers = short_tmp / "allowed"
         signers.write_text(f"tester {Path(f'{key}.pub').read_text()}")
         with data.open("rb") as message:
             verified = subprocess.run(
-                ["ssh-keygen", "-Y", "verify", "-f", str(signers), "-I", "tester", "-n", "file",
-                 "-s", f"{data}.sig"],
-                stdin=message, capture_output=True, timeout=60, check=False,
+                [
+                    "ssh-keygen",
+                    "-Y",
+                    "verify",
+                    "-f",
+                    str(signers),
+                    "-I",
+                    "tester",
+                    "-n",
+                    "file",
+                    "-s",
+                    f"{data}.sig",
+                ],
+                stdin=message,
+                capture_output=True,
+                timeout=60,
+                check=False,
             )
         assert verified.returncode == 0
 
@@ -183,7 +200,9 @@ class TestThroughTheDaemon:
     ) -> None:
         """Hundreds of keys (an answer over 64 KiB) are listed in full through switcher."""
         backend = agents.legacy()
-        keys = [keygen(short_tmp / f"k{i:03d}", comment=f"{i:03d}-" + "c" * 400) for i in range(170)]
+        keys = [
+            keygen(short_tmp / f"k{i:03d}", comment=f"{i:03d}-" + "c" * 400) for i in range(170)
+        ]
         assert ssh_add(backend, *map(str, keys)).returncode == 0
         direct = ssh_add(backend, "-L")
         assert len(direct.stdout) > 64 * 1024

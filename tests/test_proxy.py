@@ -208,8 +208,11 @@ class TestFailover:
             await client.stream.send_all(b"".join(sent))
             replies = [await client.read_frame() for _ in sent]
         assert good.raw_requests == sent
-        assert replies == [good.answer(MessageType.EXTENSION), answer_of(good),
-                           good.answer(MessageType.SIGN_REQUEST)]
+        assert replies == [
+            good.answer(MessageType.EXTENSION),
+            answer_of(good),
+            good.answer(MessageType.SIGN_REQUEST),
+        ]
 
     async def test_a_large_pipelined_burst_fails_over_whole(self, harness: Harness) -> None:
         """Over 1 MiB of pipelined requests sent before any reply are all answered, in order,

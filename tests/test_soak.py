@@ -215,10 +215,10 @@ class Sessions:
         # The daemon prefers the newest socket by ctime, which ticks coarsely:
         # restamp it (chmod) until it is later than every earlier session's.
         # (Metadata calls on a local directory: they never block for long.)
-        while path.stat().st_ctime <= self._newest_ctime:  # noqa: ASYNC240
+        while path.stat().st_ctime <= self._newest_ctime:
             await trio.sleep(0.001)
-            path.chmod(0o755)  # noqa: ASYNC240
-        self._newest_ctime = path.stat().st_ctime  # noqa: ASYNC240
+            path.chmod(0o755)
+        self._newest_ctime = path.stat().st_ctime
 
     def stop(self, session: Session, *, stale: bool) -> None:
         """End a session: its agent goes; sshd removes the socket, a killed one leaves it."""
@@ -345,7 +345,7 @@ async def run_soak(
     """Run the soak in ``root`` (a short directory) and return its figures."""
     figures = Figures(seconds=seconds, clients=clients, seed=seed)
     # Seeded generators: a reproducible simulation, not cryptography.
-    rng = random.Random(seed)  # noqa: S311
+    rng = random.Random(seed)
     agents_dir = root / "agents"
     agents_dir.mkdir()
     (root / "d").mkdir()
@@ -365,7 +365,7 @@ async def run_soak(
             async with trio.open_nursery() as load:
                 load.start_soon(sessions.churn, until)
                 for index in range(clients):
-                    own_rng = random.Random(seed * 1000 + index)  # noqa: S311
+                    own_rng = random.Random(seed * 1000 + index)
                     client = Client(daemon.socket_path, sessions, own_rng, figures)
                     load.start_soon(client.run, until)
             figures.sessions_live_at_end = len(sessions.live)

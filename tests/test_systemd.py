@@ -187,8 +187,10 @@ class TestActivation:
         [
             (
                 "bogus",
-                "systemd passed a socket this daemon has no use for: bogus at {path} "
-                "(name one agent and one control)",
+                (
+                    "systemd passed a socket this daemon has no use for: bogus at {path} "
+                    "(name one agent and one control)"
+                ),
             ),
             ("agent:control", "LISTEN_FDNAMES names 2 descriptors but LISTEN_FDS says 1"),
         ],
@@ -319,7 +321,7 @@ class TestListenFds:
         if kind == "pipe":
             os.close(fd)
         else:
-            with pytest.raises(OSError):  # closed by the refusal
+            with pytest.raises(OSError, match="Bad file descriptor"):  # closed by the refusal
                 os.fstat(fd)
 
 
@@ -341,7 +343,7 @@ class TestNotify:
 
     @pytest.mark.parametrize("address", ["relative/notify", "vsock:2:1234"])
     def test_unsupported_addresses_raise_oserror(self, address: str) -> None:
-        """Addresses that are neither absolute paths nor abstract raise OSError (logged, never fatal)."""
+        """Addresses neither absolute nor abstract raise OSError (logged, never fatal)."""
         with pytest.raises(OSError, match="unsupported NOTIFY_SOCKET address"):
             _systemd.notify(address, "READY=1")
 

@@ -35,12 +35,14 @@ class World:
         path.mkdir(mode=0o700)
         return path
 
-    async def start_agent(self, agent: FakeAgent, path: Path | None = None) -> tuple[Path, trio.CancelScope]:
+    async def start_agent(
+        self, agent: FakeAgent, path: Path | None = None
+    ) -> tuple[Path, trio.CancelScope]:
         """Serve ``agent`` on a new forwarded-agent socket; cancel the scope to end the session."""
         path = path or self.session_dir() / "agent.1"
         scope = trio.CancelScope()
 
-        async def session(*, task_status: trio.TaskStatus[None]) -> None:
+        async def session(*, task_status: trio.TaskStatus[trio.SocketListener]) -> None:
             with scope:
                 await agent.serve_unix(str(path), task_status=task_status)
             path.unlink(missing_ok=True)  # sshd removes the socket when the session ends
@@ -109,5 +111,3 @@ async def identities(world: World) -> bytes:
 
 def answer(agent: FakeAgent) -> bytes:
     return agent.answer(MessageType.REQUEST_IDENTITIES)
-
-

@@ -70,7 +70,7 @@ def listen_fds(environ: MutableMapping[str, str], pid: int) -> list[tuple[str, i
     for fd in fds:
         try:
             # sd_listen_fds(3) does this too: the descriptors are ours alone.
-            os.set_inheritable(fd, False)  # noqa: FBT003 (positional-only)
+            os.set_inheritable(fd, False)
         except OSError as exc:
             raise ActivationError(
                 f"inherited descriptor {fd} is unusable: {exc.strerror}"

@@ -272,7 +272,7 @@ def lock_for(path: Path) -> int:
     try:
         st = os.fstat(fd)
         if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"lock file {lock} is not a regular file of ours")
+            raise UnsafePathError(f"lock file {lock} is not a regular file of ours")  # noqa: TRY301 (the fd is closed below)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

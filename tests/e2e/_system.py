@@ -249,7 +249,7 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     """Poll a condition inside a trio test until it holds; the caller bounds the wait."""
     # Polling, not an Event: the conditions are other processes' files and sockets,
     # which tell us nothing when they change.
-    while not condition():  # noqa: ASYNC110
+    while not condition():
         await trio.sleep(POLL_INTERVAL)
 
 

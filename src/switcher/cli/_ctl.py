@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import sys
+
 from switcher import __version__, _defaults
 
 # json, shlex, socket and time are imported where they are used: this module

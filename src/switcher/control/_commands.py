@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from switcher.core import Backend, Health, RefreshReport, Registry, Snapshot
 from switcher.control._protocol import ControlError
+from switcher.core import Backend, Health, RefreshReport, Registry, Snapshot
 
 
 def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
@@ -27,7 +27,9 @@ def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
         return "pinned"
     if backend.health is Health.SLOW:
         return f"slow: {backend.last_error or 'no answer in time'}"
-    same_health = [b for b in snapshot.backends if b.health is backend.health and b.id != snapshot.pinned]
+    same_health = [
+        b for b in snapshot.backends if b.health is backend.health and b.id != snapshot.pinned
+    ]
     newest = max(same_health, key=lambda b: b.appeared)
     return "healthy, newest" if newest.id == backend.id else "healthy, older session"
 
@@ -113,12 +115,16 @@ def diff_events(old: Snapshot, new: Snapshot) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     before = {b.id: b for b in old.backends}
     after = {b.id: b for b in new.backends}
-    for backend in new.backends:
-        if backend.id not in before:
-            events.append({"event": "backend_added", "backend": backend_json(backend, new)})
-    for backend in old.backends:
-        if backend.id not in after:
-            events.append({"event": "backend_removed", "id": backend.id, "path": backend.path})
+    events.extend(
+        {"event": "backend_added", "backend": backend_json(backend, new)}
+        for backend in new.backends
+        if backend.id not in before
+    )
+    events.extend(
+        {"event": "backend_removed", "id": backend.id, "path": backend.path}
+        for backend in old.backends
+        if backend.id not in after
+    )
     for backend in new.backends:
         previous = before.get(backend.id)
         if previous is not None and previous.health is not backend.health:

@@ -108,7 +108,8 @@ def parse_request(line: bytes) -> Command:
     version = value.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ControlError(
-            "unsupported_version", f"unsupported protocol version {_show(version)}; this daemon speaks 1"
+            "unsupported_version",
+            f"unsupported protocol version {_show(version)}; this daemon speaks 1",
         )
     cmd = value.get("cmd")
     if not isinstance(cmd, str):
@@ -125,14 +126,18 @@ def parse_request(line: bytes) -> Command:
 
 def _parse_prefer(value: dict[str, Any], arguments: set[str]) -> PreferCommand:
     if arguments - {"id", "clear"}:
-        raise ControlError("bad_argument", f"prefer got unexpected {_names(arguments - {'id', 'clear'})}")
+        raise ControlError(
+            "bad_argument", f"prefer got unexpected {_names(arguments - {'id', 'clear'})}"
+        )
     if "clear" in value:
         if value["clear"] is not True or "id" in value:
             raise ControlError("bad_argument", "prefer takes either 'id' or \"clear\": true")
         return PreferCommand(None)
     target = value.get("id")
     if not isinstance(target, str) or not target:
-        raise ControlError("bad_argument", "prefer needs a non-empty string 'id' (or \"clear\": true)")
+        raise ControlError(
+            "bad_argument", "prefer needs a non-empty string 'id' (or \"clear\": true)"
+        )
     return PreferCommand(target)
 
 

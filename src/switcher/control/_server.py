@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -175,11 +176,15 @@ async def serve_control(
             except OSError:
                 return
             if not uid_allowed(peer.uid, os.getuid()):
-                log.warning("switcher.control.peer_refused", client_pid=peer.pid, client_uid=peer.uid)
+                log.warning(
+                    "switcher.control.peer_refused", client_pid=peer.pid, client_uid=peer.uid
+                )
                 return
             if service._active >= service.max_connections:  # noqa: SLF001
                 log.warning("switcher.control.busy", client_pid=peer.pid)
-                error = ControlError("busy", f"more than {service.max_connections} control connections")
+                error = ControlError(
+                    "busy", f"more than {service.max_connections} control connections"
+                )
                 await _quietly(_send(stream, error.reply()))
                 return
             service._active += 1  # noqa: SLF001
@@ -206,7 +211,5 @@ async def serve_control(
 
 
 async def _quietly(send: Any) -> None:
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await send
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

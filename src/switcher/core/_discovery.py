@@ -55,7 +55,9 @@ def host_hash(hostname: str | bytes | None = None) -> str:
     if isinstance(hostname, str):
         hostname = hostname.encode()
     digest = hashlib.sha512(hostname).digest()
-    return "".join(_HOST_HASH_ALPHABET[b % len(_HOST_HASH_ALPHABET)] for b in digest[:_HOST_HASH_LEN])
+    return "".join(
+        _HOST_HASH_ALPHABET[b % len(_HOST_HASH_ALPHABET)] for b in digest[:_HOST_HASH_LEN]
+    )
 
 
 @attrs.frozen
@@ -167,7 +169,9 @@ class _Scan:
 
     def scan_agents_dir(self, top: str) -> None:
         try:
-            st = os.stat(top)  # the configured dir itself may be a symlink (e.g. /tmp on some hosts)
+            st = os.stat(
+                top
+            )  # the configured dir itself may be a symlink (e.g. /tmp on some hosts)
             self.watched.append((top, st.st_mtime_ns))
             with os.scandir(top) as entries:
                 names = [e.name for e in entries]

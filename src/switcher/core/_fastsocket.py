@@ -45,7 +45,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         trio_socket = stream.socket
         # Family and type given explicitly: otherwise socket() asks the kernel.
         return cls(
-            socket.socket(trio_socket.family, trio_socket.type, trio_socket.proto, trio_socket.detach())
+            socket.socket(
+                trio_socket.family, trio_socket.type, trio_socket.proto, trio_socket.detach()
+            )
         )
 
     @property

@@ -227,7 +227,9 @@ class Prober:
             if watched_changed(self._watched):
                 await self.rescan()
 
-    async def serve(self, *, task_status: trio.TaskStatus[Prober] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Prober] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Scan once, report ready, then keep probing and watching until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -24,6 +24,8 @@ import attrs
 import structlog
 import trio
 
+from switcher.core._accept import accept_loop, descriptor_budget
+from switcher.core._fastsocket import FastSocketStream, peer_closed
 from switcher.core._peer import (
     BackendUnavailableError,
     LocalResourceError,
@@ -33,8 +35,6 @@ from switcher.core._peer import (
     peer_credentials,
     uid_allowed,
 )
-from switcher.core._accept import accept_loop, descriptor_budget
-from switcher.core._fastsocket import FastSocketStream, peer_closed
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
 from switcher.core._registry import Backend, Registry
 

@@ -244,9 +244,7 @@ class Registry:
         backend = self.get(backend_id)
         if backend is None:
             return None
-        new = attrs.evolve(
-            backend, health=Health.DEAD, last_error=error, failed=backend.failed + 1
-        )
+        new = attrs.evolve(backend, health=Health.DEAD, last_error=error, failed=backend.failed + 1)
         self._replace(new)
         if backend.health is Health.DEAD:
             return None
