@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from types import TracebackType
     from typing import Any, Self
 
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001
+    Subparsers = argparse._SubParsersAction[Any]  # noqa: SLF001
     # A JSON object as the daemon sent it (docs/control-protocol.md).
     Reply = dict[str, Any]
 
@@ -109,13 +109,15 @@ def add_parser(subparsers: Subparsers) -> None:
         help="ask a running daemon what it is doing, or tell it which agent to prefer",
         description="Talk to a running switcher daemon over its control socket.",
         epilog=_CTL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        # The top-level parser's class (see _main._Parser) sets the formatter.
     )
     _add_shared_options(ctl, suppress=False)
     commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
 
     def add(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=summary, description=description)
+        command: argparse.ArgumentParser = commands.add_parser(
+            name, help=summary, description=description
+        )
         _add_shared_options(command, suppress=True)
         return command
 

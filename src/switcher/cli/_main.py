@@ -13,6 +13,7 @@ from switcher.cli import _ctl
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
+    from typing import Any
 
 # Exit codes of `switcher daemon`, documented in --help and the README.
 EXIT_OK = 0
@@ -85,8 +86,40 @@ def _agents_dirs(text: str) -> tuple[str, ...]:
     return dirs
 
 
+def _columns() -> int:
+    """The terminal's width for help text, as shutil.get_terminal_size would say."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError):
+        return 80
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, given its width so it need not import shutil.
+
+    argparse builds a formatter for every add_argument, and without a width
+    it imports shutil (and with it bz2 and lzma): a few milliseconds of every
+    `switcher` command's start-up, for a number only --help uses.
+    """
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through add_subparsers, its subparsers) using _HelpFormatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["formatter_class"] = _HelpFormatter
+        super().__init__(*args, **kwargs)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="switcher",
         description="A stable SSH agent socket that follows your live forwarded sessions.",
     )
@@ -99,7 +132,6 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Serve a stable agent socket and relay each connection to the best live "
         "forwarded agent.",
         epilog=_DAEMON_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     daemon.add_argument(
         "--daemon",
@@ -115,7 +147,6 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Print code that starts `switcher daemon --daemon` and exports "
         "SSH_AUTH_SOCK when the daemon is up, for eval in a login script.",
         epilog=_INIT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     init.add_argument("shell", choices=("bash", "zsh", "fish"))
     forwarded = _add_daemon_options(init, keep_defaults=False)
