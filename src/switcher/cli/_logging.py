@@ -69,7 +69,6 @@ def configure_logging(level: str, log_file: Path | None) -> LogSink:
     sink = LogSink(log_file)
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Tracebacks without local variables: a relay frame's locals are

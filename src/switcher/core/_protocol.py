@@ -45,12 +45,15 @@ class MessageType(enum.IntEnum):
     EXTENSION_RESPONSE = 29
 
 
+# Every possible type byte's log name, computed once: the relay names each
+# request it counts, and an enum lookup per message showed up in profiles.
+_KNOWN_TYPES = {message_type.value: message_type.name for message_type in MessageType}
+_TYPE_NAMES = tuple(_KNOWN_TYPES.get(t, str(t)) for t in range(256))
+
+
 def type_name(message_type: int) -> str:
     """A log-friendly name for a type byte; unknown types keep their number."""
-    try:
-        return MessageType(message_type).name
-    except ValueError:
-        return str(message_type)
+    return _TYPE_NAMES[message_type]
 
 
 class FrameError(Exception):
