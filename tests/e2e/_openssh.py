@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -398,3 +399,77 @@ def outbound_ssh_command(sshd: Sshd) -> str:
     """A shell command, for the test user, that logs back in to sshd through its agent."""
     argv = [*sshd.ssh_argv(key=None, forward_agent=False), "true"]
     return shlex.join(argv)
+
+
+# Destination constraints (`ssh-add -h`, bound to sessions with session-bind@openssh.com)
+# arrived in OpenSSH 8.9; an older ssh-add cannot add such a key at all.
+DESTINATION_CONSTRAINTS_SINCE = (8, 9)
+
+
+def openssh_version() -> tuple[int, int] | None:
+    """The local OpenSSH client's (major, minor) version from `ssh -V`, or None if unknown."""
+    shown = subprocess.run(["ssh", "-V"], capture_output=True, check=False, timeout=30)
+    # ssh prints "OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL ..." on stderr.
+    found = re.search(rb"OpenSSH_(\d+)\.(\d+)", shown.stderr + shown.stdout)
+    if found is None:
+        return None
+    return int(found[1]), int(found[2])
+
+
+def known_hosts_name(sshd: Sshd) -> str:
+    """The name ssh and ssh-add look this sshd up by in known_hosts: `[127.0.0.1]:PORT`."""
+    return f"[127.0.0.1]:{sshd.port}"
+
+
+def known_hosts_line(sshd: Sshd) -> str:
+    """A known_hosts line that names this sshd's own host key."""
+    # running_sshd keeps the host key beside the log.
+    key_type, key_blob = (sshd.log.parent / "host_ed25519.pub").read_text().split()[:2]
+    return f"{known_hosts_name(sshd)} {key_type} {key_blob}"
+
+
+@contextlib.contextmanager
+def running_constrained_agent(
+    socket_path: Path,
+    key: KeyPair,
+    log: Path,
+    *,
+    known_hosts: Path,
+    destinations: Sequence[str],
+) -> Iterator[ClientAgent]:
+    """Run a laptop ssh-agent holding `key` only for `destinations` (`ssh-add -h`).
+
+    `known_hosts` is where ssh-add looks up the host keys the constraints name (`-H`):
+    ssh-agent identifies hosts by key, never by name.
+    """
+    with log.open("ab") as log_stream:
+        process = subprocess.Popen(
+            ["ssh-agent", "-D", "-a", str(socket_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_stream,
+            stderr=log_stream,
+        )
+    try:
+        if not wait_sync(
+            lambda: socket_path.exists() or process.poll() is not None, within=STARTUP_BOUND
+        ):
+            raise RuntimeError(f"ssh-agent did not create {socket_path}:\n{tail(log)}")
+        if process.poll() is not None:
+            raise RuntimeError(f"ssh-agent exited {process.returncode}:\n{tail(log)}")
+        constraints = [argument for destination in destinations for argument in ("-h", destination)]
+        added = subprocess.run(
+            ["ssh-add", "-q", "-H", str(known_hosts), *constraints, str(key.private)],
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "SSH_AUTH_SOCK": str(socket_path),
+            },
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+            timeout=STARTUP_BOUND,
+        )
+        if added.returncode != 0:
+            raise RuntimeError(f"cannot load the constrained key:\n{describe(added)}")
+        yield ClientAgent(socket=socket_path, key=key, process=process)
+    finally:
+        _stop_popen(process)

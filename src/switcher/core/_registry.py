@@ -8,6 +8,7 @@ frozen :class:`Snapshot`; waiting for change is :meth:`Registry.wait_changed`.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import time
 from collections.abc import Callable, Iterable
@@ -81,7 +82,9 @@ class Snapshot:
     pinned: str | None
     version: int
 
-    @property
+    # Computed once per snapshot: the relay asks for them on every connection,
+    # and the registry hands out the same snapshot until something changes.
+    @functools.cached_property
     def usable(self) -> tuple[Backend, ...]:
         """Backends a new connection may try, best first (everything not dead)."""
         return tuple(b for b in self.backends if b.health is not Health.DEAD)
@@ -92,7 +95,7 @@ class Snapshot:
         usable = self.usable
         return usable[0] if usable else None
 
-    @property
+    @functools.cached_property
     def dead(self) -> tuple[Backend, ...]:
         """Backends judged dead, best first: a last resort before failing a client."""
         return tuple(b for b in self.backends if b.health is Health.DEAD)
@@ -133,22 +136,21 @@ class Registry:
         self._pinned: str | None = None
         self._version = 0
         self._changed = trio.Event()
-        self._ranked: tuple[Backend, ...] | None = None
+        self._paths_by_id: dict[str, str] = {}
+        # The current snapshot, built on demand and kept until the next change.
+        self._snapshot: Snapshot | None = None
 
     # -- reading ---------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        if self._ranked is None:
-            self._ranked = tuple(
-                sorted(self._backends.values(), key=lambda b: rank_key(b, self._pinned))
-            )
-        return Snapshot(self._ranked, self._pinned, self._version)
+        if self._snapshot is None:
+            ranked = sorted(self._backends.values(), key=lambda b: rank_key(b, self._pinned))
+            self._snapshot = Snapshot(tuple(ranked), self._pinned, self._version)
+        return self._snapshot
 
     def get(self, backend_id: str) -> Backend | None:
-        for backend in self._backends.values():
-            if backend.id == backend_id:
-                return backend
-        return None
+        path = self._paths_by_id.get(backend_id)
+        return None if path is None else self._backends[path]
 
     @property
     def version(self) -> int:
@@ -164,7 +166,7 @@ class Registry:
 
     def _touch(self) -> None:
         self._version += 1
-        self._ranked = None
+        self._snapshot = None
         self._changed.set()
         self._changed = trio.Event()
 
@@ -182,6 +184,7 @@ class Registry:
         ]
         for backend in removed:
             del self._backends[backend.path]
+            del self._paths_by_id[backend.id]
             if backend.id == self._pinned:
                 self._pinned = None  # the pin ends when its session goes
         added = []
@@ -189,6 +192,7 @@ class Registry:
             if path not in self._backends:
                 backend = Backend.from_candidate(candidate)
                 self._backends[path] = backend
+                self._paths_by_id[backend.id] = path
                 added.append(backend)
         if added or removed:
             self._touch()
@@ -236,8 +240,33 @@ class Registry:
             last_success=self._clock() if served else backend.last_success,
             health=Health.HEALTHY if revived else backend.health,
         )
-        self._replace(new)
+        if revived or not self._count_in_place(backend, new):
+            self._replace(new)
         return HealthChange(new, backend.health) if revived else None
+
+    def _count_in_place(self, old: Backend, new: Backend) -> bool:
+        """Update traffic counters without re-ranking, when that cannot move ``old``.
+
+        Every relayed connection updates its backend's counters; re-sorting
+        for each would cost more than the relay itself on a crowded host.
+        Counters never affect the rank and last_success only breaks ties
+        between sessions of equal health and age, so unless ``old`` has such
+        a twin, its place stays, and the snapshot is patched in place. This
+        is no change a watcher cares about: the version stays.
+        """
+        self._backends[new.path] = new
+        snapshot = self._snapshot
+        if snapshot is None:
+            return True
+        if any(
+            b.health is old.health and b.appeared == old.appeared and b is not old
+            for b in snapshot.backends
+        ):
+            return False
+        self._snapshot = attrs.evolve(
+            snapshot, backends=tuple(new if b is old else b for b in snapshot.backends)
+        )
+        return True
 
     def record_failure(self, backend_id: str, error: str) -> HealthChange | None:
         """The proxy could not use this backend: rank it last until a probe says otherwise."""
