@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -150,7 +150,7 @@ async def settled_open_fds(pid: int, *, quiet: float = 0.3) -> int:
     return count
 
 
-async def control_request(path: Path, request: dict[str, object]) -> dict[str, object]:
+async def control_request(path: Path, request: dict[str, object]) -> dict[str, Any]:
     """Send one control request (docs/control-protocol.md) and return the parsed reply."""
     stream = await trio.open_unix_socket(str(path))
     async with stream:
@@ -161,7 +161,7 @@ async def control_request(path: Path, request: dict[str, object]) -> dict[str, o
             if not chunk:
                 raise EOFError("control socket closed before a whole reply")
             data += chunk
-    reply: dict[str, object] = json.loads(data)
+    reply: dict[str, Any] = json.loads(data)
     return reply
 
 

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from fakes import FakeAgent
-from procs import ALLOW_ROOT, SWITCHER, accepts
+from procs import ALLOW_ROOT, SWITCHER, accepts, control_request
 from switcher.core import host_hash, open_backend
 from switcher.core._peer import BackendUnavailableError
 from world import World, answer, identities
@@ -99,22 +99,6 @@ async def running_daemon(
             await process.wait()
 
 
-async def control_call(path: Path, request: dict[str, Any]) -> dict[str, Any]:
-    """Send one control request and read its one-line reply."""
-    stream = await trio.open_unix_socket(str(path))
-    async with stream:
-        await stream.send_all(json.dumps(request).encode() + b"\n")
-        buffer = b""
-        while not buffer.endswith(b"\n"):
-            chunk = await stream.receive_some()
-            if not chunk:
-                raise EOFError(f"control socket closed; got {buffer!r}")
-            buffer += chunk
-    reply = json.loads(buffer)
-    assert isinstance(reply, dict)
-    return reply
-
-
 async def connect_and_close(path: Path, *, refuse_pid: int | None) -> None:
     """Open a backend connection the way the daemon does, and close it at once."""
     stream = await open_backend(str(path), refuse_pid=refuse_pid)
@@ -153,8 +137,8 @@ class TestOwnSockets:
                 control_path=control_path,
                 agents_dirs=[short_tmp],
             ) as daemon:
-                await control_call(daemon.control, {"v": 1, "cmd": "refresh"})
-                listed = await control_call(daemon.control, {"v": 1, "cmd": "list"})
+                await control_request(daemon.control, {"v": 1, "cmd": "refresh"})
+                listed = await control_request(daemon.control, {"v": 1, "cmd": "list"})
             skipped = {
                 e["path"]: e["reason"]
                 for e in daemon.events()

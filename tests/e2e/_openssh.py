@@ -104,8 +104,11 @@ class ClientAgent:
 
 
 @contextlib.contextmanager
-def running_client_agent(socket_path: Path, key: KeyPair, log: Path) -> Iterator[ClientAgent]:
-    """Run `ssh-agent -D -a SOCKET` in the foreground, load `key`, and stop it afterwards."""
+def running_client_agent(
+    socket_path: Path, key: KeyPair, log: Path, *, add_options: Sequence[str] = ()
+) -> Iterator[ClientAgent]:
+    """Run `ssh-agent -D -a SOCKET` in the foreground, load `key` (with `ssh-add
+    add_options`, e.g. destination constraints), and stop it afterwards."""
     with log.open("ab") as log_stream:
         process = subprocess.Popen(
             ["ssh-agent", "-D", "-a", str(socket_path)],
@@ -121,7 +124,7 @@ def running_client_agent(socket_path: Path, key: KeyPair, log: Path) -> Iterator
         if process.poll() is not None:
             raise RuntimeError(f"ssh-agent exited {process.returncode}:\n{tail(log)}")
         added = subprocess.run(
-            ["ssh-add", "-q", str(key.private)],
+            ["ssh-add", "-q", *add_options, str(key.private)],
             env={
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                 "SSH_AUTH_SOCK": str(socket_path),
@@ -442,34 +445,8 @@ def running_constrained_agent(
     `known_hosts` is where ssh-add looks up the host keys the constraints name (`-H`):
     ssh-agent identifies hosts by key, never by name.
     """
-    with log.open("ab") as log_stream:
-        process = subprocess.Popen(
-            ["ssh-agent", "-D", "-a", str(socket_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_stream,
-            stderr=log_stream,
-        )
-    try:
-        if not wait_sync(
-            lambda: socket_path.exists() or process.poll() is not None, within=STARTUP_BOUND
-        ):
-            raise RuntimeError(f"ssh-agent did not create {socket_path}:\n{tail(log)}")
-        if process.poll() is not None:
-            raise RuntimeError(f"ssh-agent exited {process.returncode}:\n{tail(log)}")
-        constraints = [argument for destination in destinations for argument in ("-h", destination)]
-        added = subprocess.run(
-            ["ssh-add", "-q", "-H", str(known_hosts), *constraints, str(key.private)],
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "SSH_AUTH_SOCK": str(socket_path),
-            },
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-            timeout=STARTUP_BOUND,
-        )
-        if added.returncode != 0:
-            raise RuntimeError(f"cannot load the constrained key:\n{describe(added)}")
-        yield ClientAgent(socket=socket_path, key=key, process=process)
-    finally:
-        _stop_popen(process)
+    constraints = [argument for destination in destinations for argument in ("-h", destination)]
+    with running_client_agent(
+        socket_path, key, log, add_options=("-H", str(known_hosts), *constraints)
+    ) as agent:
+        yield agent

@@ -73,12 +73,8 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             except BlockingIOError:
                 await self._wait(trio.lowlevel.wait_readable)
                 continue
-            except _BROKEN as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
             except OSError as exc:
-                if self._closed:
-                    raise trio.ClosedResourceError("the stream is closed") from None
-                raise trio.BrokenResourceError(str(exc)) from exc
+                raise self._stream_error(exc) from exc
             await self._spend()
             return data
 
@@ -92,15 +88,17 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             except BlockingIOError:
                 await self._wait(trio.lowlevel.wait_writable)
                 continue
-            except _BROKEN as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
             except OSError as exc:
-                if self._closed:
-                    raise trio.ClosedResourceError("the stream is closed") from None
-                raise trio.BrokenResourceError(str(exc)) from exc
+                raise self._stream_error(exc) from exc
             view = view[sent:]
         self._just_sent = True
         await self._spend()
+
+    def _stream_error(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+        """The trio error for a failed system call, as trio's SocketStream reports it."""
+        if self._closed and not isinstance(exc, _BROKEN):
+            return trio.ClosedResourceError("the stream is closed")
+        return trio.BrokenResourceError(str(exc))
 
     async def _wait(self, wait: object) -> None:
         self._budget = _UNYIELDED_BUDGET  # waiting went through the scheduler
