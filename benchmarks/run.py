@@ -44,6 +44,8 @@ from typing import Any
 
 import agentbench as ab
 
+from switcher.paths import socket_answers
+
 HERE = Path(__file__).resolve().parent
 
 # Targets from issue 7: ratio floors (proxied/direct) and absolute ceilings.
@@ -62,15 +64,6 @@ CROWD_ENTRIES = 3000
 STALE_SESSIONS = 30
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -84,7 +77,7 @@ def ssh_agent(path: Path) -> Iterator[subprocess.Popen[bytes]]:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     process = subprocess.Popen(["ssh-agent", "-D", "-a", str(path)], stdout=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: _accepts(path), f"ssh-agent at {path}")
+        _wait_for(lambda: socket_answers(path), f"ssh-agent at {path}")
         yield process
     finally:
         process.terminate()
@@ -117,7 +110,7 @@ def socat_relay(path: Path, target: Path) -> Iterator[Path | None]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for(lambda: _accepts(path), "socat")
+        _wait_for(lambda: socket_answers(path), "socat")
         yield path
     finally:
         process.terminate()
@@ -146,7 +139,7 @@ def switcher_daemon(root: Path, agents: Path) -> Iterator[tuple[subprocess.Popen
         argv.append("--allow-root")
     process = subprocess.Popen(argv)
     try:
-        _wait_for(lambda: _accepts(sock), "switcher daemon")
+        _wait_for(lambda: socket_answers(sock), "switcher daemon")
         yield process, sock
     finally:
         process.send_signal(signal.SIGTERM)

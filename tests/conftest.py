@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from procs import Reaper
 from world import World
 
 
@@ -43,3 +44,13 @@ async def world(short_tmp: Path) -> AsyncIterator[World]:
         finally:
             await world.aclose()
             nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """Kills every daemon a test started, even when the test fails."""
+    reaper = Reaper()
+    try:
+        yield reaper
+    finally:
+        reaper.kill_all()

@@ -30,7 +30,7 @@ from world import World, answer, identities
 
 
 def no_traffic() -> ProxyStatistics:
-    return ProxyStatistics(total=0, active=0, failovers=0, answered_locally=0, peers_refused=0)
+    return ProxyStatistics(total=0, active=0, failovers=0, answered_locally=0)
 
 
 @attrs.define(eq=False)

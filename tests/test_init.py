@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ HANG_GUARD_S = 20
 SHELLS = ["bash", "zsh", "fish"]
 # Any uid that is not ours: chown to it needs root, and it need not exist.
 OTHER_UID = 65534
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    """Kills every daemon a test started, even when the test fails."""
-    reaper = Reaper()
-    try:
-        yield reaper
-    finally:
-        reaper.kill_all()
 
 
 def login(

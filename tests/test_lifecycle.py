@@ -9,7 +9,6 @@ import socket
 import stat
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,16 +37,6 @@ from switcher.daemon import SwappableListener
 # Every subprocess and every wait in these tests gives up after this long.
 HANG_GUARD_S = 20
 FAILURE = encode(MessageType.FAILURE)
-
-
-@pytest.fixture
-def reaper() -> Iterator[Reaper]:
-    """Kills every daemon a test started, even when the test fails."""
-    reaper = Reaper()
-    try:
-        yield reaper
-    finally:
-        reaper.kill_all()
 
 
 def start(

@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import signal
-import socket as stdsocket
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from _system import (
 
 from switcher.core import open_backend
 from switcher.core._peer import BackendUnavailableError
+from switcher.paths import socket_answers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -142,14 +142,8 @@ def listed_keys(result: subprocess.CompletedProcess[bytes]) -> tuple[int, list[s
     return result.returncode, result.stdout.decode().splitlines()
 
 
-def accepts(path: Path) -> bool:
-    """Whether something accepts connections on the Unix socket at `path` right now."""
-    with stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True
+# Whether something accepts connections on a Unix socket right now: the daemon's own check.
+accepts = socket_answers
 
 
 @contextlib.asynccontextmanager

@@ -479,7 +479,6 @@ class ProxyStatistics:
     active: int
     failovers: int
     answered_locally: int
-    peers_refused: int
 
 
 @attrs.define(eq=False)
@@ -492,7 +491,6 @@ class ProxyServer:
     _total: int = 0
     _failovers: int = 0
     _answered_locally: int = 0
-    _peers_refused: int = 0
 
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(
@@ -500,7 +498,6 @@ class ProxyServer:
             active=self._active,
             failovers=self._failovers,
             answered_locally=self._answered_locally,
-            peers_refused=self._peers_refused,
         )
 
     def _connection_started(self) -> None:
@@ -512,7 +509,6 @@ class ProxyServer:
         if result is not None:
             self._failovers += result.failovers
             self._answered_locally += result.answered_locally
-            self._peers_refused += result.outcome == "peer_refused"
 
     def stop_accepting(self) -> None:
         """Close the listener, then give open connections the grace period."""
