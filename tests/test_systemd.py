@@ -404,3 +404,33 @@ def _unit_settings(path: Path) -> dict[str, str]:
             key, _, value = line.partition("=")
             settings[key] = value
     return settings
+
+
+class TestShippedUnits:
+    @pytest.mark.skipif(
+        shutil.which("systemd-analyze") is None,
+        reason="needs systemd-analyze (Debian: systemd) to check unit files",
+    )
+    def test_units_pass_systemd_analyze_verify(self, short_tmp: Path) -> None:
+        """systemd-analyze verify --user accepts the shipped units, ExecStart pointed at
+        this switcher as the README's install steps say."""
+        script = Path(sys.executable).parent / "switcher"
+        if not script.is_file():
+            pytest.skip("no switcher script beside this interpreter to point ExecStart at")
+        units = short_tmp / "units"
+        units.mkdir()
+        for name in ("switcher.socket", "switcher.service"):
+            text = (UNITS / name).read_text()
+            (units / name).write_text(text.replace("%h/.local/bin/switcher", str(script)))
+        runtime = short_tmp / "run"
+        runtime.mkdir(mode=0o700)
+        result = subprocess.run(
+            ["systemd-analyze", "verify", "--user", "switcher.socket", "switcher.service"],
+            cwd=units,
+            env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD_S,
+            check=False,
+        )
+        assert (result.returncode, result.stderr) == (0, "")
