@@ -26,3 +26,29 @@ def runtime_dir(uid: int | None = None) -> str:
 
 def control_path() -> str:
     return os.path.join(runtime_dir(), CONTROL_SOCKET_NAME)
+
+
+def agent_path() -> str:
+    return os.path.join(runtime_dir(), AGENT_SOCKET_NAME)
+
+
+def _path_tag(socket_path: str) -> str:
+    """A short, stable tag naming one socket path (hashlib is loaded only here)."""
+    import hashlib  # noqa: PLC0415 (the default paths need none of it)
+
+    return hashlib.blake2b(os.fsencode(socket_path), digest_size=5).hexdigest()
+
+
+def control_path_for(socket_path: str) -> str:
+    """The control socket of the daemon serving ``socket_path``, when none was given.
+
+    The default agent socket keeps the default control socket. Any other
+    agent socket gets a control socket of its own in the private runtime
+    directory, named by a hash of its absolute path: two daemons on
+    different socket paths never collide, and ``switcher ctl --socket-path``
+    finds the daemon from the agent socket alone.
+    """
+    socket_path = os.path.abspath(socket_path)
+    if socket_path == agent_path():
+        return control_path()
+    return os.path.join(runtime_dir(), f"control-{_path_tag(socket_path)}.sock")

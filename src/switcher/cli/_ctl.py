@@ -14,6 +14,7 @@ import os
 import sys
 
 from switcher import __version__, _defaults
+from switcher.cli._exit import EXIT_INTERRUPTED, EXIT_NO_DAEMON, EXIT_OK, EXIT_REFUSED
 
 # json, shlex, socket and time are imported where they are used: this module
 # is loaded by every `switcher` command (for its argument parser), and those
@@ -35,11 +36,7 @@ if TYPE_CHECKING:
     Reply = dict[str, Any]
 
 # Exit codes of `switcher ctl`, listed in its --help.
-EXIT_OK = 0
-EXIT_FAILED = 1  # the daemon refused the request, or the conversation with it went wrong
-EXIT_USAGE = 2  # argparse's own code for bad flags
-EXIT_NO_DAEMON = 3  # nothing listens on the control path
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: the shell's convention for Ctrl-C (watch exits 0 instead)
+EXIT_FAILED = EXIT_REFUSED  # the daemon refused the request, or the conversation went wrong
 
 # The only version of docs/control-protocol.md there is.
 PROTOCOL_VERSION = 1

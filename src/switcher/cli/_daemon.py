@@ -13,7 +13,7 @@ import os
 
 from switcher import _systemd, paths
 from switcher.cli._detach import StartReport, daemonize
-from switcher.cli._main import EXIT_ALREADY_RUNNING, EXIT_OK, EXIT_REFUSED, fail
+from switcher.cli._exit import EXIT_ALREADY_RUNNING, EXIT_OK, EXIT_REFUSED, fail
 
 # Not `from typing import TYPE_CHECKING`: see switcher.paths.
 TYPE_CHECKING = False

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from switcher.cli._main import EXIT_OK, EXIT_REFUSED, fail
+from switcher.cli._exit import EXIT_OK, EXIT_REFUSED, fail
 
 # Not `from typing import TYPE_CHECKING`: see switcher.paths.
 TYPE_CHECKING = False

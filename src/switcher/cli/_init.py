@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from switcher import paths
-from switcher.cli._main import EXIT_OK
+from switcher.cli._exit import EXIT_OK
 
 # Not `from typing import TYPE_CHECKING`: see switcher.paths.
 TYPE_CHECKING = False

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from switcher import __version__
 from switcher.cli import _ctl
+from switcher.cli._exit import EXIT_OK
 
 # pathlib and switcher.paths are loaded by the commands that use them:
 # `switcher ctl`, run by status lines every few seconds, needs neither.
@@ -14,12 +15,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
-
-# Exit codes of `switcher daemon`, documented in --help and the README.
-EXIT_OK = 0
-EXIT_REFUSED = 1  # an unsafe or unusable path, or another start-up failure
-EXIT_USAGE = 2  # argparse's own code for bad flags
-EXIT_ALREADY_RUNNING = 3
 
 _DAEMON_EPILOG = """\
 With --daemon it returns once the daemon listens, and at once (status 0,
@@ -254,8 +249,3 @@ def _daemon(args: argparse.Namespace) -> int:
     from switcher.cli._daemon import run  # noqa: PLC0415
 
     return run(args)
-
-
-def fail(message: str) -> None:
-    """One line on stderr, in the shape users grep for."""
-    print(f"switcher: {message}", file=sys.stderr)
