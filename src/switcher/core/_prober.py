@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 import structlog
@@ -89,6 +90,18 @@ async def probe(path: str, *, refuse_pid: int | None) -> ProbeResult:
     return ProbeResult(Health.HEALTHY, latency=time.perf_counter() - started, key_count=keys)
 
 
+async def scan_in_thread(settings: ScanSettings) -> ScanResult:
+    """Scan in a worker thread: a crowded /tmp or an NFS home must not stall the relay."""
+    return await trio.to_thread.run_sync(scan, settings)
+
+
+# How the prober looks at the agents dirs, and how it asks one agent how it
+# is: real file-system and socket work by default; tests drive both in
+# virtual time.
+ScanFunction = Callable[[ScanSettings], Awaitable[ScanResult]]
+ProbeFunction = Callable[..., Awaitable[ProbeResult]]
+
+
 @attrs.frozen
 class RefreshReport:
     """What one rescan-and-probe changed."""
@@ -106,6 +119,8 @@ class Prober:
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     refuse_pid: int | None = attrs.Factory(os.getpid)
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    scan_dirs: ScanFunction = scan_in_thread
+    probe_path: ProbeFunction = probe
     _watched: tuple[tuple[str, int], ...] = ()
     _reported_skips: frozenset[str] = frozenset()
     _reported_errors: frozenset[str] = frozenset()
@@ -114,8 +129,7 @@ class Prober:
     # -- scanning ----------------------------------------------------------
 
     async def _scan_and_reconcile(self) -> Reconciled:
-        # In a thread: a crowded /tmp or an NFS home must not stall the relay.
-        result = await trio.to_thread.run_sync(scan, self.settings)
+        result = await self.scan_dirs(self.settings)
         self._log_scan(result)
         reconciled = self.registry.reconcile(result.candidates)
         for backend in reconciled.added:
@@ -186,7 +200,7 @@ class Prober:
     async def _probe_one(self, backend: Backend) -> HealthChange | None:
         with trio.move_on_after(self.probe_timeout) as scope:
             try:
-                result = await probe(backend.path, refuse_pid=self.refuse_pid)
+                result = await self.probe_path(backend.path, refuse_pid=self.refuse_pid)
             except LocalResourceError as exc:
                 # Our own shortage says nothing about the backend: keep its health.
                 log.warning("switcher.prober.no_resources", backend=backend.id, reason=str(exc))

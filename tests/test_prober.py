@@ -1,0 +1,113 @@
+"""The prober and its scanner in virtual time: scans in order, coalesced; probes on the period."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from switcher.core import Candidate, Health, Layout, Prober, ProbeResult, Registry, ScanSettings
+from switcher.core._discovery import ScanResult
+
+
+def candidate(name: str, ctime: float = 100.0) -> Candidate:
+    return Candidate(f"/agents/ssh-{name}/agent.1", Layout.TMP, 1, sum(map(ord, name)), ctime)
+
+
+def found(*candidates: Candidate) -> ScanResult:
+    return ScanResult(candidates=candidates, skipped=(), watched=(), errors=())
+
+
+SETTINGS = ScanSettings(("/agents",), uid=1000, host_hash="h")
+
+
+@attrs.define(eq=False)
+class ScriptedScans:
+    """A scan function whose calls take the times and give the results a test scripts.
+
+    Once the script runs out, every further call answers at once with the
+    last result. ``started`` records when each call began (virtual time).
+    """
+
+    script: list[tuple[float, ScanResult]]
+    last: ScanResult = attrs.Factory(found)
+    started: list[float] = attrs.Factory(list)
+
+    async def __call__(self, settings: ScanSettings) -> ScanResult:  # noqa: ARG002 (the scan's signature)
+        self.started.append(trio.current_time())
+        if not self.script:
+            return self.last
+        delay, result = self.script.pop(0)
+        self.last = result
+        await trio.sleep(delay)
+        return result
+
+
+@attrs.define(eq=False)
+class ScriptedProbes:
+    """A probe function: healthy after the scripted delays (then ``usual``); records start times."""
+
+    delays: list[float] = attrs.Factory(list)
+    usual: float = 0.5
+    started: list[float] = attrs.Factory(list)
+
+    async def __call__(
+        self,
+        path: str,  # noqa: ARG002 (the probe's signature)
+        *,
+        refuse_pid: int | None,  # noqa: ARG002
+    ) -> ProbeResult:
+        self.started.append(trio.current_time())
+        await trio.sleep(self.delays.pop(0) if self.delays else self.usual)
+        return ProbeResult(Health.HEALTHY, latency=0.001, key_count=1)
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+async def serve(
+    nursery: trio.Nursery,
+    scans: ScriptedScans,
+    probes: ScriptedProbes | None = None,
+    *,
+    interval: float = 3600.0,
+    probe_timeout: float = 2.0,
+) -> Prober:
+    prober = Prober(
+        Registry(),
+        SETTINGS,
+        interval=interval,
+        probe_timeout=probe_timeout,
+        refuse_pid=None,
+        scan_dirs=scans,
+        probe_path=probes or ScriptedProbes(),
+    )
+    await nursery.start(prober.serve)
+    return prober
+
+
+def paths(backends: Iterable[object]) -> list[str]:
+    return [b.path for b in backends]  # type: ignore[attr-defined]
+
+
+class TestProbeTiming:
+    async def test_every_interval_and_an_overrun_starts_the_next_at_once(
+        self,
+        autojump_clock: trio.testing.MockClock,  # noqa: ARG002 (pytest-trio runs the test on it)
+        nursery: trio.Nursery,
+    ) -> None:
+        """Cycles start every interval, time spent probing counting against it;
+        a cycle that overruns is followed by the next one at once."""
+        scans = ScriptedScans([(0.0, found(candidate("a")))])
+        # The first probe (at start-up), the one at 5 s, then one taking 8 s.
+        probes = ScriptedProbes([0.5, 0.5, 8.0])
+        await serve(nursery, scans, probes, interval=5.0, probe_timeout=10.0)
+        await trio.sleep(30 - trio.current_time() - 0.1)
+        assert probes.started == [0.0, 5.0, 10.0, 18.0, 23.0, 28.0]
