@@ -97,6 +97,47 @@ def paths(backends: Iterable[object]) -> list[str]:
     return [b.path for b in backends]  # type: ignore[attr-defined]
 
 
+class TestScansInOrder:
+    async def test_a_slow_stale_scan_does_not_undo_a_newer_one(
+        self,
+        autojump_clock: trio.testing.MockClock,  # noqa: ARG002 (pytest-trio runs the test on it)
+        nursery: trio.Nursery,
+    ) -> None:
+        """A scan that started before a session appeared, but finishes after a
+        later scan that found the session, must not remove it again."""
+        new = candidate("new")
+        scans = ScriptedScans([(0.0, found()), (10.0, found()), (1.0, found(new))])
+        prober = await serve(nursery, scans)
+        removed: list[str] = []
+
+        async def stale() -> None:
+            report = await prober.rescan()
+            removed.extend(paths(report.removed))
+
+        nursery.start_soon(stale)
+        await trio.testing.wait_all_tasks_blocked()
+        await prober.rescan()
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(60)
+        assert (paths(prober.registry.snapshot().backends), removed) == ([new.path], [])
+
+    async def test_a_burst_of_requests_is_one_or_two_scans(
+        self,
+        autojump_clock: trio.testing.MockClock,  # noqa: ARG002 (pytest-trio runs the test on it)
+        nursery: trio.Nursery,
+    ) -> None:
+        """Ten rescans asked for at once share the scans: the one running, then one more."""
+        scans = ScriptedScans([(0.0, found())] + [(1.0, found(candidate("a")))] * 10)
+        prober = await serve(nursery, scans)
+        async with trio.open_nursery() as burst:
+            for _ in range(10):
+                burst.start_soon(prober.rescan)
+        assert (len(scans.started) - 1, paths(prober.registry.snapshot().backends)) == (
+            1,
+            [candidate("a").path],
+        )
+
+
 class TestProbeTiming:
     async def test_every_interval_and_an_overrun_starts_the_next_at_once(
         self,

@@ -203,7 +203,9 @@ async def _serve(
             stopping.set()
 
         def exclude_own_sockets() -> None:
-            prober.settings = attrs.evolve(prober.settings, exclude=_identities(sockets))
+            prober.scanner.settings = attrs.evolve(
+                prober.scanner.settings, exclude=_identities(sockets)
+            )
 
         async with trio.open_nursery() as upkeep:
             upkeep.start_soon(

@@ -1,14 +1,19 @@
-"""Discovery and health probing: keep the registry true to what is out there.
+"""Health probing: keep the registry true to what is out there.
 
 Three loops share one nursery:
 
-* the periodic cycle rescans the agents dirs and probes every candidate
-  with a real REQUEST_IDENTITIES every ``interval`` seconds (time spent in a
-  cycle counts against the period; an overrun starts the next at once);
-* the watcher notices, within a fraction of a second, that a directory it
-  scanned has changed, and rescans; new candidates are probed at once,
-  which is how a new session gets preferred quickly without inotify;
-* the proxy can ask for a rescan when it runs out of backends (a "miss").
+* the scanner task (:mod:`._scanner`) scans the agents dirs whenever asked
+  and applies what it finds; new candidates are probed at once, which is
+  how a new session gets preferred quickly;
+* the periodic cycle asks for a rescan and probes every candidate with a
+  real REQUEST_IDENTITIES every ``interval`` seconds (time spent in a cycle
+  counts against the period; an overrun starts the next at once);
+* the watcher notices, within a fraction of a second, that a directory the
+  scanner looked into has changed, and asks for a rescan.
+
+The proxy asks for a rescan too when it runs out of backends (a "miss"),
+and so do SIGHUP and ``ctl refresh``. One probe per backend is in flight at
+a time: a second asker waits for the first one's answer.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import attrs
 import structlog
 import trio
 
-from switcher.core._discovery import ScanResult, ScanSettings, host_hash, scan, watched_changed
+from switcher.core._discovery import ScanResult, ScanSettings, host_hash, watched_changed
 from switcher.core._peer import (
     BackendUnavailableError,
     LocalResourceError,
@@ -44,6 +49,7 @@ from switcher.core._registry import (
     Reconciled,
     Registry,
 )
+from switcher.core._scanner import ScanFunction, Scanner, scan_in_thread
 
 log = structlog.get_logger()
 
@@ -90,15 +96,8 @@ async def probe(path: str, *, refuse_pid: int | None) -> ProbeResult:
     return ProbeResult(Health.HEALTHY, latency=time.perf_counter() - started, key_count=keys)
 
 
-async def scan_in_thread(settings: ScanSettings) -> ScanResult:
-    """Scan in a worker thread: a crowded /tmp or an NFS home must not stall the relay."""
-    return await trio.to_thread.run_sync(scan, settings)
-
-
-# How the prober looks at the agents dirs, and how it asks one agent how it
-# is: real file-system and socket work by default; tests drive both in
-# virtual time.
-ScanFunction = Callable[[ScanSettings], Awaitable[ScanResult]]
+# How the prober asks one agent how it is: a real connection by default;
+# tests script it in virtual time.
 ProbeFunction = Callable[..., Awaitable[ProbeResult]]
 
 
@@ -112,40 +111,45 @@ class RefreshReport:
 
 
 @attrs.define(eq=False)
+class _Probe:
+    """A probe in flight: whoever else wants that backend probed waits for this one."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    change: HealthChange | None = None
+
+
+@attrs.define(eq=False)
 class Prober:
     registry: Registry
-    settings: ScanSettings
+    _settings: ScanSettings
     interval: float = DEFAULT_PROBE_INTERVAL
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     refuse_pid: int | None = attrs.Factory(os.getpid)
     watch_interval: float = DEFAULT_WATCH_INTERVAL
     scan_dirs: ScanFunction = scan_in_thread
     probe_path: ProbeFunction = probe
-    _watched: tuple[tuple[str, int], ...] = ()
-    _reported_skips: frozenset[str] = frozenset()
-    _reported_errors: frozenset[str] = frozenset()
-    _nursery: trio.Nursery | None = None
+    scanner: Scanner = attrs.field(init=False)
+    _watched: tuple[tuple[str, int], ...] = attrs.field(init=False, default=())
+    _probing: dict[str, _Probe] = attrs.field(init=False, factory=dict)
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
 
-    # -- scanning ----------------------------------------------------------
+    def __attrs_post_init__(self) -> None:
+        self.scanner = Scanner(
+            self.registry, self._settings, self.scan_dirs, on_scanned=self._scanned
+        )
 
-    async def _scan_and_reconcile(self) -> Reconciled:
-        result = await self.scan_dirs(self.settings)
-        self._log_scan(result)
-        reconciled = self.registry.reconcile(result.candidates)
-        for backend in reconciled.added:
-            log.info(
-                "switcher.registry.backend_added",
-                backend=backend.id,
-                path=backend.path,
-                layout=backend.layout.value,
-            )
-        for backend in reconciled.removed:
-            log.info("switcher.registry.backend_removed", backend=backend.id, path=backend.path)
-        return reconciled
+    # -- scanning (the scanner task does it; these ask) ----------------------
+
+    def _scanned(self, result: ScanResult, reconciled: Reconciled) -> None:
+        self._watched = result.watched
+        # New candidates are probed at once: that is how a new session gets
+        # preferred quickly. Nobody waits here: a slow one takes seconds.
+        if reconciled.added and self._nursery is not None:
+            self._nursery.start_soon(self._probe_all, reconciled.added)
 
     async def rescan(self) -> RefreshReport:
         """Scan the dirs now, update the registry, and probe (and wait for) what is new."""
-        reconciled = await self._scan_and_reconcile()
+        reconciled = await self.scanner.scan()
         changes = await self._probe_all(reconciled.added) if reconciled.added else []
         return RefreshReport(reconciled.added, reconciled.removed, tuple(changes))
 
@@ -154,9 +158,7 @@ class Prober:
         registry holds what is there now; new candidates are probed in the
         background (the proxy can try an unknown backend directly).
         """
-        reconciled = await self._scan_and_reconcile()
-        if reconciled.added and self._nursery is not None:
-            self._nursery.start_soon(self._probe_all, reconciled.added)
+        await self.scanner.scan()
 
     async def refresh(self) -> RefreshReport:
         """Rescan and probe every backend now; wait for it all."""
@@ -165,21 +167,6 @@ class Prober:
         rest = [b for b in self.registry.snapshot().backends if b.id not in already]
         changes = list(report.health_changes) + await self._probe_all(rest)
         return attrs.evolve(report, health_changes=tuple(changes))
-
-    def _log_scan(self, result: ScanResult) -> None:
-        self._watched = result.watched
-        # Skips are debug-only, and only when first seen: a shared /tmp must
-        # not produce a log line per entry per scan.
-        skipped = frozenset(s.path for s in result.skipped)
-        for item in result.skipped:
-            if item.path not in self._reported_skips:
-                log.debug("switcher.discovery.skipped", path=item.path, reason=item.reason)
-        self._reported_skips = skipped
-        errors = frozenset(e.path for e in result.errors)
-        for item in result.errors:
-            if item.path not in self._reported_errors:
-                log.warning("switcher.discovery.dir_unreadable", path=item.path, reason=item.reason)
-        self._reported_errors = errors
 
     # -- probing -------------------------------------------------------------
 
@@ -198,6 +185,20 @@ class Prober:
         return changes
 
     async def _probe_one(self, backend: Backend) -> HealthChange | None:
+        """Probe one backend, or wait for the probe of it already in flight."""
+        running = self._probing.get(backend.id)
+        if running is not None:
+            await running.done.wait()
+            return running.change
+        running = self._probing[backend.id] = _Probe()
+        try:
+            running.change = await self._probe_now(backend)
+        finally:
+            del self._probing[backend.id]
+            running.done.set()
+        return running.change
+
+    async def _probe_now(self, backend: Backend) -> HealthChange | None:
         with trio.move_on_after(self.probe_timeout) as scope:
             try:
                 result = await self.probe_path(backend.path, refuse_pid=self.refuse_pid)
@@ -238,7 +239,7 @@ class Prober:
     async def _watch(self) -> None:
         while True:
             await trio.sleep(self.watch_interval)
-            if watched_changed(self._watched):
+            if await trio.to_thread.run_sync(watched_changed, self._watched):
                 await self.rescan()
 
     async def serve(
@@ -249,8 +250,7 @@ class Prober:
             self._nursery = nursery
             # Ready as soon as the registry holds what is there; probing the
             # candidates must not delay the socket (a slow one takes seconds).
-            reconciled = await self._scan_and_reconcile()
-            nursery.start_soon(self._probe_all, reconciled.added)
+            await nursery.start(self.scanner.run)
             task_status.started(self)
             nursery.start_soon(self._periodic)
             nursery.start_soon(self._watch)
