@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import MutableMapping
+from typing import Any
 
 import attrs
 import pytest
+import structlog
+import structlog.testing
 import trio
 import trio.testing
 
@@ -553,3 +557,62 @@ class TestWaitChanged:
         registry.reconcile([cand("a")])
         with trio.fail_after(5):
             assert await registry.wait_changed(0) == 1
+
+
+class TestHealthLog:
+    """Every health change is logged once, by the registry, whoever caused it."""
+
+    def events(self, logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+        return [e for e in logs if e["event"] == "switcher.registry.health_changed"]
+
+    def test_a_probe_that_changes_health(self, registry: Registry) -> None:
+        c = cand("a")
+        registry.reconcile([c])
+        with structlog.testing.capture_logs() as logs:
+            registry.record_probe(bid(c), ProbeResult(Health.HEALTHY, latency=0.0012, key_count=2))
+            registry.record_probe(bid(c), ProbeResult(Health.HEALTHY, latency=0.001, key_count=2))
+        assert self.events(logs) == [
+            {
+                "event": "switcher.registry.health_changed",
+                "log_level": "info",
+                "backend": bid(c),
+                "path": c.path,
+                "previous": "unknown",
+                "health": "healthy",
+                "cause": "probe",
+                "latency_ms": 1.2,
+                "keys": 2,
+                "reason": None,
+            }
+        ]
+
+    def test_a_dead_backend_that_answers_a_client(self, registry: Registry) -> None:
+        c = cand("a")
+        registry.reconcile([c])
+        registry.record_failure(bid(c), "connection refused")
+        with structlog.testing.capture_logs() as logs:
+            registry.record_traffic(bid(c), served=1, failed=0)
+            registry.record_traffic(bid(c), served=1, failed=0)
+        assert [(e["previous"], e["health"], e["cause"]) for e in self.events(logs)] == [
+            ("dead", "healthy", "client_answered")
+        ]
+
+    def test_a_relay_failure(self, registry: Registry) -> None:
+        c = cand("a")
+        registry.reconcile([c])
+        with structlog.testing.capture_logs() as logs:
+            registry.record_failure(bid(c), "connection refused")
+            registry.record_failure(bid(c), "connection refused")
+        assert [
+            (e["previous"], e["health"], e["cause"], e["reason"]) for e in self.events(logs)
+        ] == [("unknown", "dead", "relay_failed", "connection refused")]
+
+    def test_added_and_removed(self, registry: Registry) -> None:
+        a, b = cand("a"), cand("b")
+        registry.reconcile([a])
+        with structlog.testing.capture_logs() as logs:
+            registry.reconcile([b])
+        assert [(e["event"], e["path"]) for e in logs] == [
+            ("switcher.registry.backend_added", b.path),
+            ("switcher.registry.backend_removed", a.path),
+        ]

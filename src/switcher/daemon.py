@@ -9,6 +9,12 @@ Beside the services, two small upkeep tasks: one turns signals into a
 shutdown, or (SIGHUP) into a log reopen and a refresh; the other puts our
 own sockets back when someone deletes them (``rm``, systemd-tmpfiles
 cleaning ``/tmp``). When systemd runs us, it hears READY=1 and STOPPING=1.
+
+Errors: each task handles the failures it expects where they arise (a log
+file that cannot be reopened, a socket that cannot be put back yet, a
+systemd that does not listen) and goes on. Nothing here catches everything:
+anything unexpected leaves the root nursery as an exception group and ends
+the daemon loudly (the command line logs ``switcher.daemon.crashed``).
 """
 
 from __future__ import annotations
@@ -254,7 +260,7 @@ async def _handle_signals(
             try:
                 reopen_logs()  # first, so the lines about this SIGHUP go to the new file
             except OSError as exc:
-                log.error("switcher.daemon.log_reopen_failed", reason=exc.strerror or str(exc))
+                log.error("switcher.daemon.log_reopen_failed", reason=_describe(exc))
             log.info("switcher.daemon.sighup")
             refreshes.start_soon(_refresh, prober)
 
@@ -294,20 +300,30 @@ async def _keep_sockets(
                 log.error("switcher.daemon.socket_lost", path=str(served.path), reason=str(exc))
                 stop(reason="socket_lost")
                 return
-            except paths.UnsafePathError as exc:
+            except (paths.UnsafePathError, OSError) as exc:
                 # Retried every interval; said again only if the reason changes.
-                if reported.get(served.path) != str(exc):
-                    reported[served.path] = str(exc)
+                # A plain OSError (out of descriptors, a removal racing ours)
+                # is as passing as an unsafe path: neither stops the daemon.
+                reason = _describe(exc)
+                if reported.get(served.path) != reason:
+                    reported[served.path] = reason
                     log.error(
                         "switcher.daemon.socket_recreate_failed",
                         path=str(served.path),
-                        reason=str(exc),
+                        reason=reason,
                     )
                 continue
             reported.pop(served.path, None)
             await listener.swap(_listener(sock))
             rebound()
             log.warning("switcher.daemon.socket_recreated", path=str(served.path))
+
+
+def _describe(exc: Exception) -> str:
+    """The reason to log for a failure: the OS's words for an OSError, else the message."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 def _notify(config: Config, *fields: str) -> None:
@@ -317,4 +333,4 @@ def _notify(config: Config, *fields: str) -> None:
     try:
         _systemd.notify(config.notify_socket, "\n".join(fields))
     except OSError as exc:
-        log.warning("switcher.daemon.notify_failed", reason=exc.strerror or str(exc))
+        log.warning("switcher.daemon.notify_failed", reason=_describe(exc))

@@ -212,19 +212,7 @@ class Prober:
                 latency=self.probe_timeout,
                 error=f"no answer within {self.probe_timeout:g} s",
             )
-        change = self.registry.record_probe(backend.id, result)
-        if change is not None:
-            log.info(
-                "switcher.prober.health_changed",
-                backend=backend.id,
-                path=backend.path,
-                previous=change.previous.value,
-                health=change.backend.health.value,
-                latency_ms=None if result.latency is None else round(result.latency * 1000, 3),
-                keys=result.key_count,
-                error=result.error if result.health is not Health.HEALTHY else None,
-            )
-        return change
+        return self.registry.record_probe(backend.id, result)
 
     # -- the service ---------------------------------------------------------
 

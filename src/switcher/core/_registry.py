@@ -3,6 +3,10 @@
 Mutations are plain synchronous methods with no ``await`` inside, so trio's
 cooperative scheduling makes each one atomic without locks. Readers take a
 frozen :class:`Snapshot`; waiting for change is :meth:`Registry.wait_changed`.
+
+The registry logs its own changes (a backend added or removed, a change of
+health), whoever caused them: one place per event, so the prober and the
+relay cannot disagree about what a health change looks like in the log.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import attrs
+import structlog
 import trio
 
 from switcher.core._discovery import Candidate, Layout
@@ -24,6 +29,17 @@ class Health(enum.Enum):
     HEALTHY = "healthy"  # answered a probe in time
     SLOW = "slow"  # accepted but did not answer in time (touch or confirm prompt?)
     DEAD = "dead"  # refused, reset, closed, or spoke garbage
+
+
+log = structlog.get_logger()
+
+
+class Cause(enum.Enum):
+    """What told the registry an agent's health changed (the log's ``cause``)."""
+
+    PROBE = "probe"  # the prober asked it for its identities
+    CLIENT_ANSWERED = "client_answered"  # it answered a relayed request
+    RELAY_FAILED = "relay_failed"  # the relay could not connect to it, or lost it
 
 
 # Rank order between health states: usable first, most trustworthy first.
@@ -196,6 +212,15 @@ class Registry:
                 added.append(backend)
         if added or removed:
             self._touch()
+        for backend in added:
+            log.info(
+                "switcher.registry.backend_added",
+                backend=backend.id,
+                path=backend.path,
+                layout=backend.layout.value,
+            )
+        for backend in removed:
+            log.info("switcher.registry.backend_removed", backend=backend.id, path=backend.path)
         return Reconciled(tuple(added), tuple(removed))
 
     def _replace(self, new: Backend) -> None:
@@ -219,9 +244,7 @@ class Registry:
             key_count=result.key_count if result.key_count is not None else backend.key_count,
         )
         self._replace(new)
-        if new.health is backend.health:
-            return None
-        return HealthChange(new, backend.health)
+        return _health_change(backend, new, Cause.PROBE)
 
     def record_traffic(self, backend_id: str, *, served: int, failed: int) -> HealthChange | None:
         """Count requests a connection relayed; any answer is a success.
@@ -242,7 +265,7 @@ class Registry:
         )
         if revived or not self._count_in_place(backend, new):
             self._replace(new)
-        return HealthChange(new, backend.health) if revived else None
+        return _health_change(backend, new, Cause.CLIENT_ANSWERED)
 
     def _count_in_place(self, old: Backend, new: Backend) -> bool:
         """Update traffic counters without re-ranking, when that cannot move ``old``.
@@ -275,9 +298,7 @@ class Registry:
             return None
         new = attrs.evolve(backend, health=Health.DEAD, last_error=error, failed=backend.failed + 1)
         self._replace(new)
-        if backend.health is Health.DEAD:
-            return None
-        return HealthChange(new, backend.health)
+        return _health_change(backend, new, Cause.RELAY_FAILED)
 
     def pin(self, backend_id: str | None) -> None:
         """Prefer one backend while it is usable; ``None`` clears the pin."""
@@ -286,3 +307,24 @@ class Registry:
         if backend_id != self._pinned:
             self._pinned = backend_id
             self._touch()
+
+
+def _health_change(old: Backend, new: Backend, cause: Cause) -> HealthChange | None:
+    """The change from ``old`` to ``new``, if their health differs; logged here, once."""
+    if new.health is old.health:
+        return None
+    probed = cause is Cause.PROBE
+    log.info(
+        "switcher.registry.health_changed",
+        backend=new.id,
+        path=new.path,
+        previous=old.health.value,
+        health=new.health.value,
+        cause=cause.value,
+        latency_ms=round(new.probe_latency * 1000, 3)
+        if probed and new.probe_latency is not None
+        else None,
+        keys=new.key_count if probed else None,
+        reason=new.last_error if new.health is not Health.HEALTHY else None,
+    )
+    return HealthChange(new, old.health)
