@@ -46,8 +46,9 @@ def roundtrip(sock: socket.socket, request: bytes) -> bytes:
     return recv_exact(sock, length)
 
 
-def connect(path: str) -> socket.socket:
+def connect(path: str, timeout: float | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
     sock.connect(path)
     return sock
 
@@ -73,13 +74,15 @@ def identities_request() -> bytes:
 # -- workloads: each returns per-request latencies in seconds -------------------
 
 
-def new_connection_each(path: str, request: bytes, count: int) -> list[float]:
+def new_connection_each(
+    path: str, request: bytes, count: int, timeout: float | None = None
+) -> list[float]:
     """What `ssh` and `ssh-add` do: connect, one request, close."""
     latencies = []
     expected = None
     for _ in range(count):
         started = time.perf_counter()
-        with connect(path) as sock:
+        with connect(path, timeout) as sock:
             reply = roundtrip(sock, request)
         latencies.append(time.perf_counter() - started)
         expected = expected or reply[0]
@@ -88,10 +91,12 @@ def new_connection_each(path: str, request: bytes, count: int) -> list[float]:
     return latencies
 
 
-def one_connection(path: str, request: bytes, count: int) -> list[float]:
-    """Many requests on one connection, one at a time."""
+def one_connection(
+    path: str, request: bytes, count: int, timeout: float | None = None
+) -> list[float]:
+    """Many requests on one connection, one at a time (``TimeoutError`` if a reply stalls)."""
     latencies = []
-    with connect(path) as sock:
+    with connect(path, timeout) as sock:
         for _ in range(count):
             started = time.perf_counter()
             reply = roundtrip(sock, request)
