@@ -1,0 +1,219 @@
+"""The user's own processes, read from /proc: parents, start times, a few variables.
+
+Session affinity needs to know, for a client's process, its ancestors and
+the ``SSH_AUTH_SOCK``, ``TMUX``, ``TMUX_PANE`` and ``STY`` each started
+with. Only processes whose ``/proc/PID`` entry belongs to our uid are read:
+the kernel makes that entry root's when a process is not dumpable (sshd's
+session process, anything setuid) or when the process is another user's,
+and such a process is never opened further.
+
+Each process is read through a descriptor of its own ``/proc/PID``
+directory. That directory stands for one process, not for a number: if the
+process exits and its pid is reused meanwhile, reads through the old
+descriptor fail instead of describing the newcomer. Between a child and
+its parent, start times guard the same way (a parent starts before its
+child; a "parent" that started later is a stranger that took the pid).
+
+The root is a parameter so that tests point it at fixture trees.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import attrs
+
+# The environment variables affinity uses; nothing else of an environment is kept.
+_WANTED = {
+    b"SSH_AUTH_SOCK": "auth_sock",
+    b"TMUX": "tmux",
+    b"TMUX_PANE": "tmux_pane",
+    b"STY": "sty",
+}
+
+# An initial environment can be as large as ARG_MAX allows (a few MiB); the
+# variables we want come from a login, which keeps them near the start.
+_ENVIRON_LIMIT = 256 * 1024
+
+# How many ancestors are followed at most: real chains are a handful deep
+# (client, shell, tmux or sshd), this only bounds a corrupted view.
+MAX_DEPTH = 64
+
+# tmux names its processes (prctl PR_SET_NAME) "tmux: server" and "tmux: client".
+_TMUX_SERVER = "tmux: server"
+_TMUX_CLIENT = "tmux: client"
+
+# Where starttime (field 22) and tty_nr (field 7) sit among the fields after
+# the ")" that closes comm (which may itself hold spaces and parentheses).
+_AFTER_COMM_PPID = 1
+_AFTER_COMM_TTY = 4
+_AFTER_COMM_START = 19
+
+
+@attrs.frozen
+class Process:
+    """One of our processes, as /proc describes it."""
+
+    pid: int
+    ppid: int
+    start: int  # clock ticks after boot
+    comm: str
+    tty: int  # the controlling terminal's device number; 0 for none
+    auth_sock: str | None = None
+    tmux: str | None = None
+    tmux_pane: str | None = None
+    sty: str | None = None
+
+    @property
+    def is_tmux_server(self) -> bool:
+        return self.comm == _TMUX_SERVER
+
+    @property
+    def is_tmux_client(self) -> bool:
+        return self.comm == _TMUX_CLIENT
+
+    @property
+    def tmux_socket(self) -> str | None:
+        """The tmux server socket from ``TMUX`` (``SOCKET,SERVER_PID,SESSION``)."""
+        if not self.tmux:
+            return None
+        socket, _, _rest = self.tmux.rpartition(",")
+        socket, _, _rest = socket.rpartition(",")
+        return socket or None
+
+
+class Stop(enum.Enum):
+    """Why a chain of ancestors ends where it does."""
+
+    INIT = "its parent is pid 1"  # daemonised, or reparented after its parent exited
+    NOT_OURS = "its parent is not one of yours"  # sshd's session process, cron, root
+    GONE = "its parent exited"
+    REUSED = "its parent's pid was reused"
+    DEPTH = "too many ancestors"
+
+
+@attrs.frozen
+class Chain:
+    """A process and its ancestors, nearest first, and why the list ends there."""
+
+    processes: tuple[Process, ...]
+    stop: Stop
+
+    @property
+    def top(self) -> Process | None:
+        return self.processes[-1] if self.processes else None
+
+
+def parse_stat(data: bytes) -> tuple[int, str, int, int, int]:
+    """(pid, comm, ppid, tty_nr, starttime) from the text of /proc/PID/stat."""
+    head, _, tail = data.rpartition(b")")
+    pid_text, _, comm = head.partition(b" (")
+    fields = tail.split()
+    return (
+        int(pid_text),
+        comm.decode(errors="replace"),
+        int(fields[_AFTER_COMM_PPID]),
+        int(fields[_AFTER_COMM_TTY]),
+        int(fields[_AFTER_COMM_START]),
+    )
+
+
+def parse_environ(data: bytes) -> dict[str, str]:
+    """The variables affinity uses, from the NUL-separated text of /proc/PID/environ."""
+    found: dict[str, str] = {}
+    for entry in data.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        field = _WANTED.get(name)
+        if sep and field is not None and field not in found:
+            found[field] = os.fsdecode(value)
+    return found
+
+
+def _read_at(dir_fd: int, name: str, limit: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit and (chunk := os.read(fd, min(65536, limit - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class ProcessTable:
+    """Our processes in a /proc tree; every method reads afresh and never raises OSError."""
+
+    uid: int
+    root: str = "/proc"
+
+    def read(self, pid: int) -> Process | None:
+        """One process, if it exists, is ours (and dumpable) and could be read."""
+        if pid <= 0:
+            return None
+        try:
+            dir_fd = os.open(f"{self.root}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(dir_fd).st_uid != self.uid:
+                return None  # another user's, or not dumpable: never read further
+            stat_pid, comm, ppid, tty, start = parse_stat(_read_at(dir_fd, "stat", 4096))
+            environ = parse_environ(_read_at(dir_fd, "environ", _ENVIRON_LIMIT))
+        except (OSError, ValueError, IndexError):
+            return None  # exited, or an entry we cannot make sense of
+        finally:
+            os.close(dir_fd)
+        if stat_pid != pid:
+            return None
+        return Process(pid=pid, ppid=ppid, start=start, comm=comm, tty=tty, **environ)
+
+    def chain(self, pid: int) -> Chain:
+        """``pid`` and its ancestors, as far as they are ours; empty if ``pid`` is not."""
+        first = self.read(pid)
+        if first is None:
+            return Chain((), Stop.NOT_OURS if self.exists(pid) else Stop.GONE)
+        processes = [first]
+        while True:
+            child = processes[-1]
+            if child.ppid <= 1:
+                return Chain(tuple(processes), Stop.INIT)
+            if len(processes) >= MAX_DEPTH:
+                return Chain(tuple(processes), Stop.DEPTH)
+            parent = self.read(child.ppid)
+            if parent is None:
+                stop = Stop.NOT_OURS if self.exists(child.ppid) else Stop.GONE
+                return Chain(tuple(processes), stop)
+            if parent.start > child.start:
+                return Chain(tuple(processes), Stop.REUSED)
+            processes.append(parent)
+
+    def exists(self, pid: int) -> bool:
+        return pid > 0 and os.path.exists(f"{self.root}/{pid}")
+
+    def pids(self) -> list[int]:
+        """Every pid in the table, ours or not (reading one is what checks)."""
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def boot_time(self) -> float | None:
+        """When the machine booted, in seconds since the epoch (``btime`` in /proc/stat)."""
+        try:
+            with open(f"{self.root}/stat", "rb") as stat_file:
+                for line in stat_file:
+                    if line.startswith(b"btime "):
+                        return float(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+
+def clock_ticks() -> int:
+    """How many start-time ticks make a second (``getconf CLK_TCK``)."""
+    return os.sysconf("SC_CLK_TCK")
