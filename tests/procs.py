@@ -7,6 +7,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +43,43 @@ class Daemon:
     socket_path: Path
     control_path: Path
     log_path: Path
+    # Where the daemon says READY=1 (and STOPPING=1): systemd's protocol,
+    # which tells a test the daemon is up without polling anything.
+    notify: trio.socket.SocketType
 
     def log_events(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.log_path.read_text().splitlines()]
 
     async def stop(self, signum: int = signal.SIGTERM) -> int:
         self.process.send_signal(signum)
-        return await self.process.wait()
+        return await self.wait()
+
+    async def wait(self) -> int:
+        """Wait until the daemon has exited; then close what the test held for it."""
+        status = await self.process.wait()
+        self.notify.close()
+        return status
+
+
+async def wait_ready(process: trio.Process, notify: trio.socket.SocketType) -> None:
+    """Wait until the daemon sends READY=1 on ``notify``; fail if it exits first."""
+    async with trio.open_nursery() as nursery:
+
+        async def exited() -> None:
+            status = await process.wait()
+            raise AssertionError(f"daemon exited with {status} before it was ready")
+
+        nursery.start_soon(exited)
+        while b"READY=1" not in (await notify.recv(4096)).split(b"\n"):
+            pass
+        nursery.cancel_scope.cancel()
+
+
+def notify_socket(path: Path) -> trio.socket.SocketType:
+    """A datagram socket at ``path`` standing in for systemd's NOTIFY_SOCKET."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    return trio.socket.from_stdlib_socket(sock)
 
 
 async def start_daemon(
@@ -58,7 +89,7 @@ async def start_daemon(
     preexec_fn: Callable[[], object] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Daemon:
-    """Start ``switcher daemon`` and wait until its socket accepts connections.
+    """Start ``switcher daemon`` and wait until it reports that it serves (READY=1).
 
     ``preexec_fn`` runs in the child before exec (to lower a resource limit,
     say); ``env`` replaces the environment. Both default to what a user has.
@@ -66,6 +97,7 @@ async def start_daemon(
     socket_path = tmp / "s.sock"
     control_path = tmp / "c.sock"
     log_path = tmp / "daemon.log"
+    notify = notify_socket(tmp / "n.sock")
     agents_dirs = ":".join(str(a) for a in agents) or str(tmp / "none")
     process = await trio.lowlevel.open_process(
         [
@@ -83,13 +115,10 @@ async def start_daemon(
             *extra,
         ],
         preexec_fn=preexec_fn,
-        env=env,
+        env={**(os.environ if env is None else env), "NOTIFY_SOCKET": str(tmp / "n.sock")},
     )
-    while not accepts(socket_path):
-        if process.poll() is not None:
-            raise AssertionError(f"daemon exited with {process.returncode} before listening")
-        await trio.sleep(0.02)
-    return Daemon(process, socket_path, control_path, log_path)
+    await wait_ready(process, notify)
+    return Daemon(process, socket_path, control_path, log_path, notify)
 
 
 # -- looking at a running daemon from outside (fault and soak tests) ----------
@@ -169,7 +198,7 @@ async def terminate(daemon: Daemon) -> int:
             await daemon.process.wait()
         if daemon.process.returncode is None:
             daemon.process.kill()
-    return await daemon.process.wait()
+    return await daemon.wait()
 
 
 # -- detached daemons: `switcher daemon --daemon` and what starts it ----------

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from fakes import AgentClient
-from procs import ALLOW_ROOT, Daemon, accepts, run_cli, start_daemon
+from procs import ALLOW_ROOT, Daemon, accepts, run_cli, start_daemon, terminate
 from switcher.core import MessageType, encode
 
 
@@ -23,9 +23,8 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Daemon]:
     try:
         yield running
     finally:
-        if running.process.returncode is None:
-            running.process.kill()
-            await running.process.wait()
+        with trio.CancelScope(shield=True):
+            await terminate(running)
 
 
 class TestPath:
@@ -96,7 +95,7 @@ class TestStartupRefusals:
             sock.bind(str(short_tmp / "s.sock"))
         assert not accepts(short_tmp / "s.sock")
         with trio.fail_after(20):
-            running = await start_daemon(short_tmp)  # returns once the path accepts
+            running = await start_daemon(short_tmp)  # returns once it serves
             assert await running.stop() == 0
 
     def test_refuses_a_regular_file_at_the_socket_path(self, short_tmp: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import attrs
 import pytest
 import trio
 
-from procs import Daemon, start_daemon
+from procs import Daemon, start_daemon, terminate
 from switcher.core import host_hash
 
 pytestmark = pytest.mark.skipif(
@@ -116,13 +115,9 @@ async def stop_daemon() -> AsyncIterator[list[Daemon]]:
     try:
         yield started
     finally:
-        for daemon in started:
-            if daemon.process.returncode is None:
-                daemon.process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(10):
-                    await daemon.process.wait()
-                if daemon.process.returncode is None:
-                    daemon.process.kill()
+        with trio.CancelScope(shield=True):
+            for daemon in started:
+                await terminate(daemon)
 
 
 class TestThroughTheDaemon:

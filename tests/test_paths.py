@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from switcher._defaults import path_tag
 from switcher.paths import (
     MAX_SOCKET_PATH_BYTES,
     AlreadyRunningError,
@@ -21,9 +22,11 @@ from switcher.paths import (
     default_socket_path,
     ensure_private_dir,
     lock_for,
+    lock_path,
     prepare_socket_dir,
     runtime_dir,
     socket_answers,
+    unlock,
 )
 
 if TYPE_CHECKING:
@@ -407,6 +410,55 @@ class TestLockFor:
         )
 
 
+class TestLockPlace:
+    def test_beside_the_socket_in_a_private_dir(self, short_tmp: Path) -> None:
+        """In a directory only we can write, the lock is PATH.lock beside the socket."""
+        assert lock_path(short_tmp / "agent.sock") == short_tmp / "agent.sock.lock"
+
+    def test_in_the_runtime_dir_when_others_can_write(self, short_tmp: Path) -> None:
+        """In a directory others can write (a sticky /tmp), the lock goes to our private
+        runtime directory, named by a hash of the socket path, and nothing lands beside it."""
+        shared = make_dir(short_tmp / "shared", 0o1777)
+        path = shared / "agent.sock"
+        fd = lock_for(path)
+        try:
+            lock = runtime_dir() / f"lock-{path_tag(str(path))}.lock"
+            assert (lock_path(path), mode_of(lock), list(shared.iterdir())) == (lock, 0o600, [])
+        finally:
+            unlock(path, fd)
+        assert not lock.exists()
+
+    def test_a_lock_file_planted_in_a_shared_dir_is_not_ours(self, short_tmp: Path) -> None:
+        """A PATH.lock someone left in a shared directory neither blocks us nor is touched."""
+        shared = make_dir(short_tmp / "shared", 0o1777)
+        planted = shared / "agent.sock.lock"
+        planted.write_text("someone's")
+        planted.chmod(0o444)
+        unlock(shared / "agent.sock", lock_for(shared / "agent.sock"))
+        assert (planted.read_text(), mode_of(planted)) == ("someone's", 0o444)
+
+
+class TestUnlock:
+    def test_removes_the_lock_file(self, short_tmp: Path) -> None:
+        """A clean stop leaves no lock file, and the path can be locked again."""
+        path = short_tmp / "agent.sock"
+        unlock(path, lock_for(path))
+        assert not lock_path(path).exists()
+        unlock(path, lock_for(path))
+
+    def test_leaves_a_newer_lock_file_alone(self, short_tmp: Path) -> None:
+        """If our lock file was replaced, the new one is someone else's: it stays."""
+        path = short_tmp / "agent.sock"
+        fd = lock_for(path)
+        lock_path(path).unlink()
+        newer = lock_for(path)
+        try:
+            unlock(path, fd)
+            assert lock_path(path).exists()
+        finally:
+            unlock(path, newer)
+
+
 class TestBindPrivateSocket:
     @pytest.mark.usefixtures("umask_022")
     def test_mode_0600_under_umask_022(self, short_tmp: Path) -> None:
@@ -415,6 +467,11 @@ class TestBindPrivateSocket:
         with bind_private_socket(path, backlog=4):
             current = os.umask(0o022)
             assert (mode_of(path), current, socket_answers(path)) == (0o600, 0o022, True)
+
+    def test_leaves_only_the_socket(self, short_tmp: Path) -> None:
+        """The temporary name the socket is bound at before it listens is gone after."""
+        with bind_private_socket(short_tmp / "agent.sock", backlog=4):
+            assert [p.name for p in short_tmp.iterdir()] == ["agent.sock"]
 
     def test_refuses_occupied_path(self, short_tmp: Path) -> None:
         """Binding over an existing file fails with UnsafePathError, not OSError."""

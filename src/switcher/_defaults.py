@@ -32,11 +32,15 @@ def agent_path() -> str:
     return os.path.join(runtime_dir(), AGENT_SOCKET_NAME)
 
 
-def _path_tag(socket_path: str) -> str:
-    """A short, stable tag naming one socket path (hashlib is loaded only here)."""
-    import hashlib  # noqa: PLC0415 (the default paths need none of it)
+def path_tag(socket_path: str) -> str:
+    """A short, stable tag naming one socket path: in the names of its control socket and lock.
 
-    return hashlib.blake2b(os.fsencode(socket_path), digest_size=5).hexdigest()
+    BLAKE2b from ``_blake2``, as ``hashlib.blake2b`` gives it, without
+    loading ``hashlib`` (which loads OpenSSL: milliseconds of start-up).
+    """
+    from _blake2 import blake2b  # noqa: PLC0415 (the default paths need none of it)
+
+    return blake2b(os.fsencode(socket_path), digest_size=5).hexdigest()
 
 
 def control_path_for(socket_path: str) -> str:
@@ -51,4 +55,4 @@ def control_path_for(socket_path: str) -> str:
     socket_path = os.path.abspath(socket_path)
     if socket_path == agent_path():
         return control_path()
-    return os.path.join(runtime_dir(), f"control-{_path_tag(socket_path)}.sock")
+    return os.path.join(runtime_dir(), f"control-{path_tag(socket_path)}.sock")

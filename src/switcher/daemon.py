@@ -32,6 +32,7 @@ import structlog
 import trio
 
 from switcher import _systemd, paths
+from switcher._signals import HANDLED, RELOAD_SIGNAL, HeldSignals
 from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
@@ -44,8 +45,6 @@ from switcher.core import (
 )
 
 log = structlog.get_logger()
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 
 # The agent socket and the control socket, in that order.
 Sockets = tuple[paths.ServedSocket, paths.ServedSocket]
@@ -101,6 +100,7 @@ async def run_daemon(
     *,
     sockets: Sockets | None = None,
     reopen_logs: Callable[[], None] = _nothing_to_reopen,
+    held_signals: HeldSignals | None = None,
     refuse_own_pid: bool = True,
     task_status: trio.TaskStatus[DaemonHandle] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -110,19 +110,24 @@ async def run_daemon(
     them already (the command line does, to answer "already running" before
     it loads trio; systemd may have passed them); they become ours to
     release. Without them we claim the configured paths. ``reopen_logs`` is
-    what SIGHUP calls, for logrotate. ``refuse_own_pid`` guards against
-    relaying to ourselves; only tests that serve fake agents inside this very
-    process turn it off.
+    what SIGHUP calls, for logrotate. ``held_signals`` holds what arrived
+    before trio ran (the command line catches signals from before it
+    binds): handled as if it came now, so a stop request stops the daemon
+    once it has started. ``refuse_own_pid`` guards against relaying to
+    ourselves; only tests that serve fake agents inside this very process
+    turn it off.
     """
     claimed = sockets
     try:
         # Signals are caught before anyone can connect: whoever can reach the
         # socket may signal us at once, and must not hit the default action.
-        with trio.open_signal_receiver(*_STOP_SIGNALS, signal.SIGHUP) as signals:
+        # Trio's handlers replace the command line's; what those held is
+        # raised again, for trio's.
+        with trio.open_signal_receiver(*HANDLED) as signals:
+            if held_signals is not None:
+                held_signals.hand_over()
             if claimed is None:
                 claimed = _claim(config)
-            for served in claimed:
-                served.listen(paths.LISTEN_BACKLOG)
             refuse_pid = os.getpid() if refuse_own_pid else None
             await _serve(config, claimed, signals, refuse_pid, reopen_logs, task_status)
     finally:
@@ -254,7 +259,7 @@ async def _handle_signals(
     """Stop on SIGINT, SIGTERM or SIGQUIT; on SIGHUP reopen the logs and refresh."""
     async with trio.open_nursery() as refreshes:
         async for signum in signals:
-            if signum != signal.SIGHUP:
+            if signum != RELOAD_SIGNAL:
                 stop(signal=signal.Signals(signum).name)
                 return
             try:

@@ -251,19 +251,56 @@ def socket_answers(path: Path) -> bool:
 
 
 def lock_path(path: Path) -> Path:
-    """The instance lock of a socket path: ``PATH.lock`` beside it."""
-    return path.with_name(path.name + ".lock")
+    """Where the instance lock of a socket path lives.
+
+    Beside the socket (``PATH.lock``) when the socket's directory is ours
+    alone; otherwise (an explicit ``--socket-path`` in ``/tmp``, say) in
+    switcher's private runtime directory, named by a hash of the socket
+    path: a lock file in a directory others can write could be planted
+    there in advance, or left behind to block another user's daemon on the
+    same path.
+    """
+    if _is_private_dir(path.parent):
+        return path.with_name(path.name + ".lock")
+    return runtime_dir() / f"lock-{_defaults.path_tag(os.fspath(path))}.lock"
+
+
+def _is_private_dir(directory: Path) -> bool:
+    """Whether only we can add or remove files in ``directory``."""
+    try:
+        st = directory.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+# A lock file removed by the daemon that held it, between our open and our
+# flock, leaves us holding a lock on a file nobody else will find: we try
+# again on the new file. More than a few rounds means something is wrong.
+_LOCK_ATTEMPTS = 5
 
 
 def lock_for(path: Path) -> int:
     """Take the instance lock that guards a socket path; return its descriptor.
 
-    The lock (``flock`` on ``PATH.lock``) makes "is a daemon running here,
-    and may I replace a stale socket" one atomic question, so two logins
-    racing to start switcher cannot both unlink and bind. The kernel drops
-    the lock when the process dies, however it dies.
+    The lock (``flock`` on the file ``lock_path`` names) makes "is a daemon
+    running here, and may I replace a stale socket" one atomic question, so
+    two logins racing to start switcher cannot both unlink and bind. The
+    kernel drops the lock when the process dies, however it dies; a daemon
+    that stops cleanly also removes the file (``unlock``).
     """
     lock = lock_path(path)
+    if lock.parent == runtime_dir():
+        ensure_private_dir(lock.parent)
+    for _ in range(_LOCK_ATTEMPTS):
+        fd = _open_and_lock(path, lock)
+        if _identity(lock) == _fd_identity(fd):
+            return fd
+        os.close(fd)  # the file we locked was removed meanwhile: lock the new one
+    raise UnsafePathError(f"lock file {lock} keeps being replaced")
+
+
+def _open_and_lock(path: Path, lock: Path) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(lock, flags, 0o600)
@@ -285,6 +322,19 @@ def lock_for(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def unlock(path: Path, fd: int) -> None:
+    """Remove the lock file of ``path`` (if it is still the one ``fd`` locks), then release it.
+
+    Removed while still locked: whoever opened it meanwhile finds, once it
+    has the lock, that the file is gone, and locks the new one instead.
+    """
+    lock = lock_path(path)
+    if _identity(lock) == _fd_identity(fd):
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+    os.close(fd)
 
 
 def claim_socket_path(path: Path) -> None:
@@ -310,23 +360,34 @@ def claim_socket_path(path: Path) -> None:
     path.unlink()
 
 
-def bind_private_socket(path: Path, backlog: int | None) -> socket.socket:
+def bind_private_socket(path: Path, backlog: int) -> socket.socket:
     """Bind ``path`` with mode 0600, whatever the process umask is, and listen.
 
-    With ``backlog=None`` it only binds: the path is taken, but clients are
-    refused until the caller listens.
+    The socket appears at ``path`` already listening: a client that finds
+    the file is queued in the backlog until the daemon accepts, never
+    refused. (It is bound at a temporary name beside ``path``, made to
+    listen, then linked into place; ``link`` never replaces what is there.)
     """
     import socket  # noqa: PLC0415 (see the note on imports at the top)
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    temporary = path.with_name(f".{path.name}.{os.urandom(4).hex()}")
+    if len(os.fsencode(temporary)) > MAX_SOCKET_PATH_BYTES:
+        temporary = path  # no room for a longer name: bind in place
     try:
         old_umask = os.umask(0o177)
         try:
-            sock.bind(os.fspath(path))
+            sock.bind(os.fspath(temporary))
         finally:
             os.umask(old_umask)
-        if backlog is not None:
-            sock.listen(backlog)
+        sock.listen(backlog)
+        if temporary != path:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from None
+            finally:
+                os.unlink(temporary)
     except OSError as exc:
         sock.close()
         raise UnsafePathError(f"cannot listen on {path}: {exc.strerror}") from None
@@ -345,9 +406,9 @@ class ServedSocket:
     """A socket path the daemon serves: bound by us under the instance lock, or
     inherited from systemd (socket activation).
 
-    One of ours is bound by ``claim`` (refusing clients until ``listen``, so
-    nobody can reach the daemon before it handles signals), put back by
-    ``rebind`` when someone deletes it, and removed by ``release``. An
+    One of ours is bound and listening from ``claim`` on (clients queue until
+    the daemon accepts), put back by ``rebind`` when someone deletes it, and
+    removed with its lock file by ``release``. An
     activated socket is systemd's: we neither lock, re-create nor remove it.
     """
 
@@ -366,9 +427,9 @@ class ServedSocket:
         lock_fd = lock_for(path)
         try:
             claim_socket_path(path)
-            sock = bind_private_socket(path, backlog=None)
+            sock = bind_private_socket(path, LISTEN_BACKLOG)
         except BaseException:
-            os.close(lock_fd)
+            unlock(path, lock_fd)
             raise
         return cls(path, sock, lock_fd)
 
@@ -380,11 +441,6 @@ class ServedSocket:
     @property
     def is_activated(self) -> bool:
         return self.lock_fd is None
-
-    def listen(self, backlog: int) -> None:
-        """Start queueing clients (an activated socket already does)."""
-        if not self.is_activated:
-            self.sock.listen(backlog)
 
     def in_place(self) -> bool:
         """Whether the path still holds the socket we serve."""
@@ -406,7 +462,7 @@ class ServedSocket:
         prepare_socket_dir(self.path, default_dir=runtime_dir())
         if _identity(lock_path(self.path)) != _fd_identity(self.lock_fd):
             fd = lock_for(self.path)
-            os.close(self.lock_fd)
+            os.close(self.lock_fd)  # its file is gone: nothing to remove
             self.lock_fd = fd
         claim_socket_path(self.path)
         self.sock = bind_private_socket(self.path, backlog)
@@ -421,7 +477,7 @@ class ServedSocket:
         if self.in_place():
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        os.close(self.lock_fd)
+        unlock(self.path, self.lock_fd)
 
 
 def _fd_identity(fd: int) -> tuple[int, int]:

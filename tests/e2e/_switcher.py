@@ -28,7 +28,7 @@ from _system import (
     remove_tree,
     short_dir,
     tail,
-    wait_until_listening,
+    wait_until_serving,
 )
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ async def running_daemon(
     daemon = Daemon(socket=socket, log=log, process=process)
     try:
         try:
-            await wait_until_listening(socket, alive=daemon.alive)
+            await wait_until_serving(socket, alive=daemon.alive)
         except RuntimeError as error:
             raise RuntimeError(f"{error}; its log:\n{tail(log)}") from None
         yield daemon

@@ -273,6 +273,34 @@ async def wait_until_listening(path: Path, *, alive: Callable[[], bool]) -> None
             probe.close()
 
 
+# An agent-protocol request any agent (and any switcher) answers: REQUEST_IDENTITIES.
+_IDENTITIES_REQUEST = b"\x00\x00\x00\x01\x0b"
+
+
+async def wait_until_serving(path: Path, *, alive: Callable[[], bool]) -> None:
+    """Wait until an agent socket answers a request, failing early if its owner died.
+
+    A switcher listens from the moment its socket exists and queues clients until it
+    serves: a connection alone says nothing, a reply says it serves.
+    """
+    while True:
+        if not alive():
+            raise RuntimeError(f"the process meant to serve {path} exited")
+        try:
+            stream = await trio.open_unix_socket(str(path))
+        except OSError:
+            await trio.sleep(POLL_INTERVAL)
+            continue
+        async with stream:
+            try:
+                await stream.send_all(_IDENTITIES_REQUEST)
+                if await stream.receive_some(5):
+                    return
+            except trio.BrokenResourceError:
+                pass
+        await trio.sleep(POLL_INTERVAL)
+
+
 async def run_as(
     account: UserAccount,
     argv: Sequence[str],

@@ -27,7 +27,7 @@ from _system import (
     signal_pid,
     tail,
     wait_until,
-    wait_until_listening,
+    wait_until_serving,
 )
 from _tmux import Pane, PaneResult, Tmux
 
@@ -166,7 +166,7 @@ class TestReconnect:
                     socket = Path(where.output)
                     assert socket == Path(f"/tmp/switcher-{user.uid}/agent.sock")
                     try:
-                        await wait_until_listening(socket, alive=lambda: is_running(pid))
+                        await wait_until_serving(socket, alive=lambda: is_running(pid))
                     except RuntimeError as error:
                         pytest.fail(f"{error}; its log:\n{tail(workdir / 'daemon.log')}")
 

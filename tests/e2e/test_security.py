@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import signal
+import socket as socketlib
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ from _system import (
     sweep_user,
     wait_until,
     wait_until_listening,
+    wait_until_serving,
 )
 
 from switcher.core import open_backend
@@ -146,6 +148,18 @@ def listed_keys(result: subprocess.CompletedProcess[bytes]) -> tuple[int, list[s
 accepts = socket_answers
 
 
+def answers(path: Path) -> bool:
+    """Whether the agent socket at ``path`` answers a request (a switcher that listens but
+    is still starting holds it until it serves, or closes it if it refuses to start)."""
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as client:
+        try:
+            client.connect(str(path))
+            client.sendall(REQUEST_IDENTITIES)
+            return bool(client.recv(5))
+        except OSError:
+            return False
+
+
 @contextlib.asynccontextmanager
 async def user_process(
     account: UserAccount, argv: Sequence[str], *, log: Path | None = None
@@ -226,7 +240,7 @@ async def user_daemon(
         str(log),
     ]
     async with user_process(account, argv, log=directory / "daemon-stderr.log") as process:
-        await wait_until_listening(socket, alive=lambda: process.returncode is None)
+        await wait_until_serving(socket, alive=lambda: process.returncode is None)
         yield UserDaemon(process=process, socket=socket, control=control, log=log)
         with trio.move_on_after(TEARDOWN_GRACE, shield=True):
             process.send_signal(signal.SIGTERM)
@@ -388,8 +402,8 @@ async def attempt_start(
     """Start `switcher daemon` as `account` and see whether it refuses or comes up.
 
     Waits for one of the two (an exit, or its "started" log line on stderr, or `socket`
-    accepting when that is known to be ours), never for a length of time; a daemon that
-    came up is stopped at once.
+    answering a request when that is known to be ours), never for a length of time; a
+    daemon that came up is stopped at once.
     """
     stderr_dir = short_dir("swe2e-e-")
     try:
@@ -400,7 +414,7 @@ async def attempt_start(
                 lambda: (
                     process.poll() is not None
                     or started(stderr_log)
-                    or (socket is not None and accepts(socket))
+                    or (socket is not None and answers(socket))
                 )
             )
             status = process.returncode
@@ -722,7 +736,7 @@ class TestSquatting:
             False,
         )
 
-    async def test_another_users_lock_file_is_refused(
+    async def test_a_lock_file_planted_beside_the_socket_is_ignored(
         self,
         *,
         e2e_user: UserAccount,
@@ -730,14 +744,15 @@ class TestSquatting:
         switcher_install: SwitcherInstall,
         user_dir: Path,
     ) -> None:
-        """A lock file B planted (even one A may write) is refused and left as it was."""
+        """In a directory others can write, A's lock is not kept beside the socket: a lock
+        file B planted there (even one A may write) neither stops A's daemon nor is touched."""
         shared = short_dir("swe2e-t-", mode=0o1777)
         try:
             lock = shared / "agent.sock.lock"
             lock.write_text("B's lock")
             os.chown(lock, other_user.uid, other_user.gid)
             lock.chmod(0o666)
-            before = tree_state(shared)
+            planted = (lock.stat().st_uid, lock.stat().st_mode, lock.read_bytes())
             with trio.fail_after(TEST_GUARD):
                 attempt = await attempt_start(
                     switcher_install,
@@ -748,12 +763,16 @@ class TestSquatting:
                         agents_dirs=[user_dir / "none"],
                     ),
                 )
-            after = tree_state(shared)
+            # The daemon was killed, so its socket stays; nothing else of A's is there.
+            names = sorted(p.name for p in shared.iterdir())
+            after = (lock.stat().st_uid, lock.stat().st_mode, lock.read_bytes())
         finally:
             remove_tree(shared)
-        assert (attempt, after) == (
-            StartAttempt(1, f"switcher: lock file {lock} is not a regular file of ours\n"),
-            before,
+        assert (attempt.status, "switcher.daemon.started" in attempt.stderr, names, after) == (
+            None,
+            True,
+            ["agent.sock", "agent.sock.lock"],
+            planted,
         )
 
     @pytest.mark.parametrize("route", ["symlink-of-other", "inside-dir-of-other"])

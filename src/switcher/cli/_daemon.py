@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
-from switcher import _systemd, paths
+from switcher import _defaults, _systemd, paths
+from switcher._signals import HeldSignals
 from switcher.cli._detach import StartReport, daemonize
 from switcher.cli._exit import EXIT_ALREADY_RUNNING, EXIT_OK, EXIT_REFUSED, fail
 
@@ -20,7 +22,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
-    from pathlib import Path
 
     from switcher.config import Config
     from switcher.daemon import Sockets
@@ -40,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     # Everything we create (sockets, log file, lock, pid file) is private by
     # default, as jmmv/ssh-agent-switcher does.
     os.umask(0o177)
+    # From before the socket exists: whoever sees it may signal us at once.
+    held_signals = HeldSignals()
+    held_signals.install()
     # Before the daemon moves to "/": relative paths mean where the user was.
     for name in ("log_file", "pid_file"):
         if getattr(args, name) is not None:
@@ -49,14 +53,21 @@ def run(args: argparse.Namespace) -> int:
         return sockets
     # From here on we are the one daemon for these paths.
     if args.daemon:
-        return daemonize(lambda report: _serve(args, sockets, report))
-    return _serve(args, sockets, StartReport())
+        return daemonize(
+            lambda report: _serve(args, sockets, report, held_signals),
+            in_starter=held_signals.restore_defaults,
+        )
+    return _serve(args, sockets, StartReport(), held_signals)
 
 
 def _sockets_or_status(args: argparse.Namespace) -> Sockets | int:
     """Our agent and control sockets, or the status to exit with if they cannot be ours."""
     socket_path = (args.socket_path or paths.default_socket_path()).absolute()
-    control_path = (args.control_path or paths.default_control_path()).absolute()
+    # Without --control-path, the control socket follows the agent socket:
+    # two daemons on different socket paths never share one.
+    control_path = (
+        args.control_path or Path(_defaults.control_path_for(os.fspath(socket_path)))
+    ).absolute()
     try:
         return _take_sockets(socket_path, control_path)
     except _AgentSocketTakenError as exc:
@@ -114,7 +125,9 @@ def _activated_sockets(
     return found
 
 
-def _serve(args: argparse.Namespace, sockets: Sockets, report: StartReport) -> int:
+def _serve(
+    args: argparse.Namespace, sockets: Sockets, report: StartReport, held_signals: HeldSignals
+) -> int:
     """Set up logging and the pid file, then run the daemon on ``sockets`` until it stops."""
     # The logging library, loaded only now that we serve.
     from switcher.cli._logging import configure_logging  # noqa: PLC0415
@@ -139,7 +152,7 @@ def _serve(args: argparse.Namespace, sockets: Sockets, report: StartReport) -> i
             except paths.UnsafePathError as exc:
                 return _refuse(report, sockets, str(exc))
         try:
-            return _run_trio(config, sockets, report, log_sink.reopen)
+            return _run_trio(config, sockets, report, log_sink.reopen, held_signals)
         finally:
             if pid_file is not None:
                 paths.remove_pid_file(pid_file, os.getpid())
@@ -173,7 +186,11 @@ def _refuse(report: StartReport, sockets: Sockets, message: str) -> int:
 
 
 def _run_trio(
-    config: Config, sockets: Sockets, report: StartReport, reopen_logs: Callable[[], None]
+    config: Config,
+    sockets: Sockets,
+    report: StartReport,
+    reopen_logs: Callable[[], None],
+    held_signals: HeldSignals,
 ) -> int:
     # The event loop and the daemon, loaded only now that we serve.
     import structlog  # noqa: PLC0415
@@ -188,15 +205,20 @@ def _run_trio(
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                functools.partial(run_daemon, config, sockets=sockets, reopen_logs=reopen_logs)
+                functools.partial(
+                    run_daemon,
+                    config,
+                    sockets=sockets,
+                    reopen_logs=reopen_logs,
+                    held_signals=held_signals,
+                )
             )
             report.ready()
 
+    # SIGINT is held (see HeldSignals), so trio installs no KeyboardInterrupt
+    # handler of its own: every Ctrl-C is a graceful stop, however early.
     try:
         trio.run(serve)
-    except KeyboardInterrupt:
-        # A second Ctrl-C while shutting down: already handled, just leave.
-        pass
     except Exception:
         # Detached, nobody sees a traceback: the log is where it must be.
         structlog.get_logger().exception("switcher.daemon.crashed")

@@ -64,13 +64,14 @@ class StartReport:
             os.close(fd)
 
 
-def daemonize(serve: Callable[[StartReport], int]) -> int:
+def daemonize(serve: Callable[[StartReport], int], *, in_starter: Callable[[], None]) -> int:
     """Run ``serve`` in a detached daemon; return the status to exit with, in each process.
 
     In the original process that is the daemon's start-up report (0 once it
     listens). Its copies of the daemon's sockets and locks close when it
-    exits, which leaves them to the daemon. In the daemon it is ``serve``'s
-    own status.
+    exits, which leaves them to the daemon. It calls ``in_starter`` first
+    (to give signals their usual actions back: only the daemon holds them).
+    In the daemon it is ``serve``'s own status.
     """
     read_fd, write_fd = os.pipe()
     # Anything still buffered would otherwise be written twice.
@@ -78,6 +79,7 @@ def daemonize(serve: Callable[[StartReport], int]) -> int:
     sys.stderr.flush()
     child = os.fork()
     if child:
+        in_starter()
         os.close(write_fd)
         try:
             return _wait_for_report(read_fd)

@@ -175,7 +175,8 @@ def _add_daemon_options(
             "--control-path",
             type=_path,
             default=default(None),
-            help="the JSON control socket (default: /tmp/switcher-$UID/control.sock)",
+            help="the JSON control socket (default: /tmp/switcher-$UID/control.sock, or "
+            "control-<hash>.sock there for another --socket-path)",
         ),
         parser.add_argument(
             "--agents-dirs",
