@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
+import termios
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+import structlog
 import trio
 import trio.testing
 
 from fakes import FakeAgent
-from switcher.control import ControlService, DaemonInfo
+from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
     Candidate,
     Health,
@@ -243,6 +247,128 @@ class TestBadInput:
             await trio.testing.wait_all_tasks_blocked()
             ok = await service.connect().call({**V1, "cmd": "list"})
         assert ok["ok"] is True
+
+
+Logs = list[MutableMapping[str, Any]]
+
+
+def unread_bytes(client: LineClient) -> int:
+    """How many bytes wait, unread, in the client socket's receive queue (FIONREAD)."""
+    assert isinstance(client.stream, trio.SocketStream)
+    count = array.array("i", [0])
+    fcntl.ioctl(client.stream.socket.fileno(), termios.FIONREAD, count)
+    return count[0]
+
+
+def leave(client: LineClient) -> None:
+    """Close the client's socket at once, whatever it has not read."""
+    assert isinstance(client.stream, trio.SocketStream)
+    client.stream.socket.close()
+
+
+@attrs.define(eq=False)
+class Served:
+    """The control server on a real Unix socket, with its log captured."""
+
+    service: Service
+    path: Path
+    logs: Logs
+
+    async def connect(self) -> LineClient:
+        return LineClient(await trio.open_unix_socket(str(self.path)))
+
+    async def wait_closed(self, count: int = 1) -> list[str]:
+        """Wait until ``count`` control connections have ended; return their outcomes."""
+        while len(closed := self.events("switcher.control.connection_closed")) < count:
+            await trio.testing.wait_all_tasks_blocked()
+        return [str(event["outcome"]) for event in closed]
+
+    def events(self, name: str) -> Logs:
+        return [event for event in self.logs if event["event"] == name]
+
+
+@pytest.fixture
+async def served(service: Service, short_tmp: Path) -> AsyncIterator[Served]:
+    path = short_tmp / "c.sock"
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    sock.listen(8)
+    with structlog.testing.capture_logs() as logs:
+        await service.nursery.start(serve_control, trio.SocketListener(sock), service.control)
+        yield Served(service, path, logs)
+
+
+class TestClientsThatVanish:
+    """A client that goes away, however rudely, ends its connection quietly: no crash logged."""
+
+    async def test_a_watcher_that_closes_without_reading(self, served: Served) -> None:
+        """A watcher that leaves with the first reply unread (a reset) ends as client_vanished."""
+        with trio.fail_after(5):
+            client = await served.connect()
+            await client.send({**V1, "cmd": "watch"})
+            await trio.testing.wait_all_tasks_blocked()
+            assert unread_bytes(client) > 0  # the first reply is there, unread
+            leave(client)
+            outcomes = await served.wait_closed()
+        assert (outcomes, served.events("switcher.control.connection_crashed")) == (
+            ["client_vanished"],
+            [],
+        )
+
+    async def test_a_watcher_that_leaves_with_an_event_unread(self, served: Served) -> None:
+        """A watcher that read the first reply but leaves with an event unread ends the same."""
+        served.service.add("/a/one", 100, Health.HEALTHY)
+        with trio.fail_after(5):
+            client = await served.connect()
+            assert (await client.call({**V1, "cmd": "watch"}))["watching"] is True
+            served.service.add("/a/two", 200, Health.HEALTHY)
+            await trio.testing.wait_all_tasks_blocked()
+            assert unread_bytes(client) > 0  # the events are there, unread
+            leave(client)
+            outcomes = await served.wait_closed()
+        assert (outcomes, served.events("switcher.control.connection_crashed")) == (
+            ["client_vanished"],
+            [],
+        )
+
+    async def test_a_watcher_that_stops_reading(self, served: Served) -> None:
+        """A watcher that reads nothing stalls only itself: others are served; it ends quietly."""
+        a = served.service.add("/a/one", 100, Health.HEALTHY)
+        b = served.service.add("/a/two", 200, Health.HEALTHY)
+        with trio.fail_after(10):
+            stuck = await served.connect()
+            await stuck.send({**V1, "cmd": "watch"})
+            # Move the pin until the daemon's writes stop arriving: the
+            # socket's buffer is full and the watch waits in send_all.
+            arrived = -1
+            while arrived != (arrived := unread_bytes(stuck)):
+                for target in (a, b):
+                    served.service.registry.pin(target)
+                    await trio.testing.wait_all_tasks_blocked()
+            other = await served.connect()
+            reply = await other.call({**V1, "cmd": "status"})
+            await other.stream.aclose()
+            leave(stuck)
+            outcomes = await served.wait_closed(2)
+        assert (reply["ok"], sorted(outcomes)) == (True, ["client_vanished", "closed"])
+        assert served.events("switcher.control.connection_crashed") == []
+
+    async def test_a_client_that_leaves_mid_reply(self, served: Served) -> None:
+        """A client that leaves while a long reply is being written ends as client_vanished."""
+        registry = served.service.registry
+        registry.reconcile(  # a list reply far larger than the socket's buffer
+            [Candidate(f"/a/{'x' * 200}/{n}", Layout.TMP, 1, n, 100.0 + n) for n in range(1000)]
+        )
+        with trio.fail_after(10):
+            client = await served.connect()
+            await client.send({**V1, "cmd": "list"})
+            assert (await client.stream.receive_some(100)).startswith(b'{"ok":true')
+            leave(client)
+            outcomes = await served.wait_closed()
+        assert (outcomes, served.events("switcher.control.connection_crashed")) == (
+            ["client_vanished"],
+            [],
+        )
 
 
 async def control(world: World) -> LineClient:
