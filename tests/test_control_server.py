@@ -273,6 +273,7 @@ class Served:
     service: Service
     path: Path
     logs: Logs
+    scope: trio.CancelScope
 
     async def connect(self) -> LineClient:
         return LineClient(await trio.open_unix_socket(str(self.path)))
@@ -293,9 +294,15 @@ async def served(service: Service, short_tmp: Path) -> AsyncIterator[Served]:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(str(path))
     sock.listen(8)
+    scope = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[ControlService]) -> None:
+        with scope:
+            await serve_control(trio.SocketListener(sock), service.control, task_status=task_status)
+
     with structlog.testing.capture_logs() as logs:
-        await service.nursery.start(serve_control, trio.SocketListener(sock), service.control)
-        yield Served(service, path, logs)
+        await service.nursery.start(serve)
+        yield Served(service, path, logs, scope)
 
 
 class TestClientsThatVanish:
@@ -352,6 +359,20 @@ class TestClientsThatVanish:
             outcomes = await served.wait_closed(2)
         assert (reply["ok"], sorted(outcomes)) == (True, ["client_vanished", "closed"])
         assert served.events("switcher.control.connection_crashed") == []
+
+    async def test_a_watcher_open_when_the_daemon_stops(self, served: Served) -> None:
+        """Watchers still open when the server is cancelled end as stopped, not as errors."""
+        with trio.fail_after(5):
+            client = await served.connect()
+            await client.call({**V1, "cmd": "watch"})
+            served.scope.cancel()
+            outcomes = await served.wait_closed()
+            assert await client.at_eof()
+            await client.stream.aclose()
+        assert (outcomes, served.events("switcher.control.connection_crashed")) == (
+            ["stopped"],
+            [],
+        )
 
     async def test_a_client_that_leaves_mid_reply(self, served: Served) -> None:
         """A client that leaves while a long reply is being written ends as client_vanished."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import time
 from collections.abc import Callable
@@ -28,9 +29,16 @@ from switcher.control._protocol import (
     encode_reply,
     parse_request,
 )
-from switcher.core import Health, Prober, ProxyStatistics, Registry, peer_credentials
-from switcher.core._accept import accept_loop
-from switcher.core._peer import uid_allowed
+from switcher.core import (
+    Health,
+    Prober,
+    ProxyStatistics,
+    Registry,
+    Snapshot,
+    accept_loop,
+    peer_credentials,
+    uid_allowed,
+)
 
 log = structlog.get_logger()
 
@@ -41,6 +49,26 @@ IDLE_TIMEOUT = 30.0
 # Control connections are a handful of CLI calls and maybe a status-line
 # watcher; far more than that at once is a runaway script or an attack.
 MAX_CONNECTIONS = 64
+
+
+class Outcome(enum.Enum):
+    """How a control connection ended: the closed set logged as its ``outcome``."""
+
+    CLOSED = "closed"  # the client closed its side between requests
+    WATCH_ENDED = "watch_ended"  # a watcher closed its side
+    CLIENT_VANISHED = "client_vanished"  # the connection broke under us (reason: how)
+    IDLE_TIMEOUT = "idle_timeout"  # no whole request in time (an error reply was sent)
+    LINE_TOO_LONG = "line_too_long"  # a request line over the limit (an error reply was sent)
+    STOPPED = "stopped"  # the daemon stopped while the connection was open
+    CRASHED = "crashed"  # a bug in switcher; logged with its traceback
+
+
+@attrs.frozen
+class Ending:
+    """An outcome, and free text saying more when there is more to say."""
+
+    outcome: Outcome
+    reason: str | None = None
 
 
 @attrs.frozen
@@ -102,25 +130,81 @@ class ControlService:
             return self.status()
         raise AssertionError(f"not a one-shot command: {command}")  # pragma: no cover
 
-    async def handle(self, stream: trio.abc.Stream) -> str:
-        """Serve one control connection; return how it ended."""
+    @property
+    def active_connections(self) -> int:
+        """Control connections being served now (those admitted, not refused as busy)."""
+        return self._active
+
+    async def serve_client(self, stream: trio.SocketStream) -> None:
+        """Check who connected, serve them, and log how it ended; close ``stream`` after."""
+        async with stream:
+            try:
+                peer = peer_credentials(stream.socket)
+            except OSError:
+                return  # gone before we could ask who it was: nothing was said, nothing to log
+            if not uid_allowed(peer.uid, os.getuid()):
+                log.warning(
+                    "switcher.control.peer_refused", client_pid=peer.pid, client_uid=peer.uid
+                )
+                return
+            if self._active >= self.max_connections:
+                log.warning("switcher.control.busy", client_pid=peer.pid, client_uid=peer.uid)
+                error = ControlError(
+                    "busy", f"more than {self.max_connections} control connections"
+                )
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await _send(stream, error.reply())
+                return
+            self._active += 1
+            started = time.perf_counter()
+            # Only cancellation (the daemon stopping) leaves this value in place.
+            ending = Ending(Outcome.STOPPED)
+            try:
+                ending = await self.handle(stream)
+            except Exception:
+                # Log and go on, by design: a bug met by one control client must
+                # not take down the daemon, and the traceback shows what it was.
+                # Everything a client can do (vanish, send garbage, stall) is
+                # handled in handle() and never gets here.
+                ending = Ending(Outcome.CRASHED)
+                log.exception(
+                    "switcher.control.connection_crashed", client_pid=peer.pid, client_uid=peer.uid
+                )
+            finally:
+                self._active -= 1
+                log.debug(
+                    "switcher.control.connection_closed",
+                    client_pid=peer.pid,
+                    client_uid=peer.uid,
+                    outcome=ending.outcome.value,
+                    reason=ending.reason,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                )
+
+    async def handle(self, stream: trio.abc.Stream) -> Ending:
+        """Serve one control connection's requests; say how it ended."""
+        try:
+            return await self._converse(stream)
+        except trio.BrokenResourceError as exc:
+            return Ending(Outcome.CLIENT_VANISHED, _broken(exc))
+
+    async def _converse(self, stream: trio.abc.Stream) -> Ending:
         framer = LineFramer(MAX_LINE)
         while True:
             try:
                 line = await self._read_line(stream, framer)
             except ControlError as error:
                 await _send(stream, error.reply())
-                return error.code
+                return Ending(Outcome(error.code), error.message)
             if line is None:
-                return "closed"
+                return Ending(Outcome.CLOSED)
             try:
                 command = parse_request(line)
             except ControlError as error:
                 await _send(stream, error.reply())
                 continue
             if isinstance(command, WatchCommand):
-                await self._watch(stream)
-                return "watch_ended"
+                return await self._watch(stream)
             try:
                 reply = await self.execute(command)
             except ControlError as error:
@@ -137,24 +221,45 @@ class ControlService:
             return line
         raise ControlError("idle_timeout", f"no request within {self.idle_timeout:g} s")
 
-    async def _watch(self, stream: trio.abc.Stream) -> None:
+    async def _watch(self, stream: trio.abc.Stream) -> Ending:
+        """Stream events until the client leaves; each task handles its own broken stream."""
         snapshot = self.registry.snapshot()
         await _send(stream, {"ok": True, "watching": True, "choice": choice_id(snapshot)})
+        endings: list[Ending] = []
+
         async with trio.open_nursery() as nursery:
+
+            def end(ending: Ending) -> None:
+                endings.append(ending)
+                nursery.cancel_scope.cancel()
 
             async def until_client_leaves() -> None:
                 # Anything a watcher sends is ignored; its EOF ends the watch.
-                while await stream.receive_some(MAX_LINE):
-                    pass
-                nursery.cancel_scope.cancel()
+                try:
+                    while await stream.receive_some(MAX_LINE):
+                        pass
+                except trio.BrokenResourceError as exc:
+                    end(Ending(Outcome.CLIENT_VANISHED, _broken(exc)))
+                else:
+                    end(Ending(Outcome.WATCH_ENDED))
+
+            async def send_events() -> None:
+                try:
+                    await self._send_events(stream, snapshot)
+                except trio.BrokenResourceError as exc:
+                    end(Ending(Outcome.CLIENT_VANISHED, _broken(exc)))
 
             nursery.start_soon(until_client_leaves)
-            while True:
-                await self.registry.wait_changed(snapshot.version)
-                new = self.registry.snapshot()
-                for event in diff_events(snapshot, new):
-                    await _send(stream, event)
-                snapshot = new
+            nursery.start_soon(send_events)
+        return endings[0]  # the first way it ended; the other task was cancelled
+
+    async def _send_events(self, stream: trio.abc.Stream, snapshot: Snapshot) -> None:
+        while True:
+            await self.registry.wait_changed(snapshot.version)
+            new = self.registry.snapshot()
+            for event in diff_events(snapshot, new):
+                await _send(stream, event)
+            snapshot = new
 
 
 async def _send(stream: trio.abc.Stream, reply: dict[str, Any]) -> None:
@@ -168,48 +273,14 @@ async def serve_control(
     task_status: trio.TaskStatus[ControlService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept control clients until cancelled."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                peer = peer_credentials(stream.socket)
-            except OSError:
-                return
-            if not uid_allowed(peer.uid, os.getuid()):
-                log.warning(
-                    "switcher.control.peer_refused", client_pid=peer.pid, client_uid=peer.uid
-                )
-                return
-            if service._active >= service.max_connections:  # noqa: SLF001
-                log.warning("switcher.control.busy", client_pid=peer.pid)
-                error = ControlError(
-                    "busy", f"more than {service.max_connections} control connections"
-                )
-                await _quietly(_send(stream, error.reply()))
-                return
-            service._active += 1  # noqa: SLF001
-            started = time.perf_counter()
-            outcome = "error"
-            try:
-                outcome = await service.handle(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                outcome = "client_vanished"
-            except Exception:
-                log.exception("switcher.control.connection_crashed", client_pid=peer.pid)
-            finally:
-                service._active -= 1  # noqa: SLF001
-                log.debug(
-                    "switcher.control.connection_closed",
-                    client_pid=peer.pid,
-                    outcome=outcome,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                )
-
     async with listener, trio.open_nursery() as nursery:
         task_status.started(service)
-        await accept_loop(listener, nursery, handle)
+        await accept_loop(listener, nursery, service.serve_client)
 
 
-async def _quietly(send: Any) -> None:
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await send
+def _broken(exc: trio.BrokenResourceError) -> str:
+    """Why a stream broke, in a few words: the OS's reason when there is one."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(exc) or "the connection broke"

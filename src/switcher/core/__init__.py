@@ -1,7 +1,8 @@
 """The domain: agent framing, discovery, the registry, the prober and the proxy."""
 
+from switcher.core._accept import accept_loop
 from switcher.core._discovery import Candidate, Layout, ScanSettings, host_hash, scan
-from switcher.core._peer import PeerCredentials, open_backend, peer_credentials
+from switcher.core._peer import PeerCredentials, open_backend, peer_credentials, uid_allowed
 from switcher.core._prober import Prober, RefreshReport, probe, scan_settings
 from switcher.core._protocol import (
     MAX_MESSAGE_LEN,
@@ -39,6 +40,7 @@ __all__ = [
     "Registry",
     "ScanSettings",
     "Snapshot",
+    "accept_loop",
     "encode",
     "host_hash",
     "open_backend",
@@ -48,5 +50,6 @@ __all__ = [
     "scan",
     "scan_settings",
     "serve_agent_proxy",
+    "uid_allowed",
     "unix_connector",
 ]
