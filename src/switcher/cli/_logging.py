@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import structlog
 
 _LEVELS = {
@@ -50,15 +53,31 @@ class LogSink:
         if self.path is not None:
             os.close(self._fd)
 
-    def msg(self, message: str) -> None:
-        data = (message + "\n").encode("utf-8", "backslashreplace")
+    def msg(self, line: bytes) -> None:
+        """Write one rendered line (``render_line`` gives it, newline included)."""
         # A failed or short write (the disk filled mid-line) loses this line
         # only; there is nowhere better to report it.
         with contextlib.suppress(OSError):
-            os.write(self._fd, data)
+            os.write(self._fd, line)
 
     # structlog calls the method named after the event's level.
     debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def render_line(event: dict[str, object], *, default: Callable[[object], object]) -> bytes:
+    """One event as a JSON line, newline included.
+
+    orjson renders the per-connection line in a sixth of the standard
+    library's time (docs/BENCHMARKS.md). The fields are the same; only the
+    spacing differs, and non-ASCII text is UTF-8 instead of ``\\u`` escapes.
+    What orjson refuses (a lone surrogate from an undecodable file name, an
+    integer beyond 64 bits) goes through the standard library, as before,
+    rather than raise into the code that logged.
+    """
+    try:
+        return orjson.dumps(event, default=default, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return (json.dumps(event, default=default) + "\n").encode("utf-8", "backslashreplace")
 
 
 def configure_logging(level: str, log_file: Path | None) -> LogSink:
@@ -73,7 +92,7 @@ def configure_logging(level: str, log_file: Path | None) -> LogSink:
             structlog.processors.ExceptionRenderer(
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             ),
-            structlog.processors.JSONRenderer(),
+            structlog.processors.JSONRenderer(serializer=render_line),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_args: sink,
