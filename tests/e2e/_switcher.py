@@ -1,8 +1,9 @@
 """switcher as the test user runs it: a world-readable install and a daemon process.
 
 The test venv's interpreter lives under /root (mode 0700), which the test user cannot
-execute. So the suite copies switcher and its pure-Python dependencies into a directory
-everyone can read, and runs them with the system's python3.
+execute. So the suite copies switcher and its dependencies into a directory everyone
+can read, and runs them with the system's python3 (the same CPython minor version as
+the venv's on Debian 12, so orjson's compiled module loads there too).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ RUNTIME_PACKAGES = (
 _DEPENDENCY_PROBE = """
 import json, sys
 before = set(sys.modules)
-import switcher.cli, trio, structlog, attrs, attr
+import switcher.cli, switcher.cli._logging, trio, structlog, attrs, attr
 names = {name.partition(".")[0] for name in set(sys.modules) - before}
 print(json.dumps(sorted(
     name for name in names
