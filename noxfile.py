@@ -21,8 +21,9 @@ def tests(session: nox.Session) -> None:
     try:
         session.run("coverage", "run", "-m", "pytest", *session.posargs)
     finally:
-        session.run("coverage", "combine", success_codes=[0, 1])
-        session.run("coverage", "report", success_codes=[0, 1, 2])
+        session.run("coverage", "combine", success_codes=[0, 1])  # 1: no data (nothing ran)
+        # Fails the session when coverage drops below fail_under (pyproject.toml).
+        session.run("coverage", "report")
 
 
 @nox.session

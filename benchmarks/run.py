@@ -52,7 +52,7 @@ from typing import Any
 import agentbench as ab
 import peers
 
-from switcher.paths import socket_answers
+from switcher.served import socket_answers
 
 HERE = Path(__file__).resolve().parent
 

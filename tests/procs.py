@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from switcher.paths import socket_answers
+from switcher.served import socket_answers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import stat
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ from procs import (
     wait_exited,
     wait_ready,
 )
-from switcher import paths
+from switcher import paths, pathsafety, pidfile
 from switcher.core import MessageType, encode
 from switcher.daemon import SwappableListener
 
@@ -205,30 +203,6 @@ class TestAlreadyRunning:
         assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
         assert (short_tmp / PID_NAME).read_text() == f"{pid}\n"
         assert events(short_tmp / LOG_NAME).count("switcher.daemon.started") == 1
-
-    async def test_the_check_loads_neither_trio_nor_structlog(
-        self, short_tmp: Path, reaper: Reaper
-    ) -> None:
-        """Answering "already running" imports neither trio, structlog, attrs nor the daemon."""
-        assert start(*daemon_flags(short_tmp)).returncode == 0
-        reaper.adopt_pid_file(short_tmp / PID_NAME)
-        probe = textwrap.dedent(
-            """
-            import json, sys
-            from switcher.cli import main
-            status = main(sys.argv[1:])
-            heavy = ("trio", "structlog", "attrs", "switcher.daemon", "switcher.config")
-            print(json.dumps([status, sorted(m for m in heavy if m in sys.modules)]))
-            """
-        )
-        result = subprocess.run(
-            [SWITCHER[0], "-c", probe, "daemon", "--daemon", *daemon_flags(short_tmp)],
-            capture_output=True,
-            text=True,
-            timeout=HANG_GUARD_S,
-            check=True,
-        )
-        assert json.loads(result.stdout) == [0, []]
 
     async def test_foreground_still_exits_3(self, short_tmp: Path, reaper: Reaper) -> None:
         """Without --daemon, a second start still says a switcher is running and exits 3."""
@@ -438,7 +412,7 @@ class TestPlaces:
         (short_tmp / "a").chmod(0o755)
         old = os.umask(0o177)
         try:
-            paths.make_private_dirs(short_tmp / "a" / "b" / "c")
+            pathsafety.make_private_dirs(short_tmp / "a" / "b" / "c")
         finally:
             os.umask(old)
         modes = [stat.S_IMODE((short_tmp / p).stat().st_mode) for p in ("a", "a/b", "a/b/c")]
@@ -447,10 +421,10 @@ class TestPlaces:
     def test_pid_file_is_removed_only_while_it_names_us(self, short_tmp: Path) -> None:
         """A daemon removes the pid file at exit only if a newer daemon has not replaced it."""
         path = short_tmp / PID_NAME
-        paths.write_pid_file(path, 1234)
-        paths.remove_pid_file(path, 999)
+        pidfile.write_pid_file(path, 1234)
+        pidfile.remove_pid_file(path, 999)
         kept = path.read_text()
-        paths.remove_pid_file(path, 1234)
+        pidfile.remove_pid_file(path, 1234)
         assert (kept, path.exists()) == ("1234\n", False)
 
 

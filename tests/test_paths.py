@@ -1,4 +1,5 @@
-"""Socket-path safety: private dirs, parent checks, stale sockets, the instance lock, binding."""
+"""Where switcher's files go and why it is safe: private dirs, parent checks, stale sockets,
+the instance lock, binding (switcher.paths, pathsafety, instancelock, served)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,21 @@ from typing import TYPE_CHECKING
 import pytest
 
 from switcher._defaults import path_tag
+from switcher.instancelock import AlreadyRunningError, lock_for, unlock
 from switcher.paths import (
     MAX_SOCKET_PATH_BYTES,
-    AlreadyRunningError,
-    UnsafePathError,
-    bind_private_socket,
-    check_parent_dir,
-    claim_socket_path,
     default_control_path,
     default_socket_path,
-    ensure_private_dir,
-    lock_for,
     lock_path,
-    prepare_socket_dir,
     runtime_dir,
-    socket_answers,
-    unlock,
 )
+from switcher.pathsafety import (
+    UnsafePathError,
+    check_parent_dir,
+    ensure_private_dir,
+    prepare_socket_dir,
+)
+from switcher.served import bind_private_socket, claim_socket_path, socket_answers
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

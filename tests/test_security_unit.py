@@ -1,4 +1,4 @@
-"""Issue 5, the checks that need no second user: who a backend may be, and what logs hold.
+"""Security checks that need no second user: who an agent may be, and what logs hold.
 
 The checks that need another unprivileged user (peer credentials, foreign sockets,
 squatting, ptrace) are in tests/e2e/test_security.py; docs/SECURITY.md maps every check
@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from fakes import FakeAgent
-from procs import ALLOW_ROOT, SWITCHER, accepts, control_request
+from procs import ALLOW_ROOT, SWITCHER, accepts, control_request, notify_socket, wait_ready
 from switcher.core import host_hash, open_backend
 from switcher.core._peer import BackendUnavailableError
 from world import World, answer, identities
@@ -80,15 +80,18 @@ async def running_daemon(
         "--log-file",
         str(log),
     ]
+    notify = notify_socket(directory / "n.sock")
     with output.open("ab") as stream:
         process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=stream, stderr=stream
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stream,
+            stderr=stream,
+            env={**os.environ, "NOTIFY_SOCKET": str(directory / "n.sock")},
         )
     try:
-        while not accepts(socket_path):
-            if process.poll() is not None:
-                raise AssertionError(f"daemon exited {process.returncode}: {output.read_text()}")
-            await trio.sleep(0.02)
+        with notify:
+            await wait_ready(process, notify)
         yield RootlessDaemon(process, socket_path, control_path, log, output)
         process.send_signal(signal.SIGTERM)
         assert await process.wait() == 0

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from fakes import AgentClient
-from procs import ALLOW_ROOT, SWITCHER, accepts, control_request, log_events
+from procs import ALLOW_ROOT, SWITCHER, accepts, control_request, log_events, wait_ready
 from switcher import _systemd
 from switcher.core import MessageType, encode
 
@@ -153,7 +153,10 @@ class TestActivation:
         assert started["activated"] == [str(agent_path), str(control_path)]
 
     async def test_an_activated_agent_socket_alone(
-        self, short_tmp: Path, processes: list[trio.Process]
+        self,
+        short_tmp: Path,
+        notify_socket: trio.socket.SocketType,
+        processes: list[trio.Process],
     ) -> None:
         """Given only the agent socket (what contrib/systemd/switcher.socket passes), the
         daemon serves it and binds the control socket itself."""
@@ -166,12 +169,10 @@ class TestActivation:
                     "agent",
                     *("--socket-path", str(short_tmp / "elsewhere.sock")),
                     *("--control-path", str(control_path)),
-                    notify=None,
+                    notify=short_tmp / "notify",
                     processes=processes,
                 )
-                while not accepts(control_path):
-                    assert process.poll() is None
-                    await trio.sleep(0.02)
+                await wait_ready(process, notify_socket)
                 status = await control_request(control_path, {"v": 1, "cmd": "status"})
                 process.send_signal(signal.SIGTERM)
                 assert await process.wait() == 0

@@ -38,7 +38,7 @@ def path_tag(socket_path: str) -> str:
     BLAKE2b from ``_blake2``, as ``hashlib.blake2b`` gives it, without
     loading ``hashlib`` (which loads OpenSSL: milliseconds of start-up).
     """
-    from _blake2 import blake2b  # noqa: PLC0415 (the default paths need none of it)
+    from _blake2 import blake2b
 
     return blake2b(os.fsencode(socket_path), digest_size=5).hexdigest()
 

@@ -17,10 +17,6 @@ from pathlib import Path
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
-
-# Not `from typing import TYPE_CHECKING`: see switcher.paths.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
     from collections.abc import MutableMapping
 
 # The first inherited descriptor: SD_LISTEN_FDS_START in sd-daemon.h.
@@ -81,7 +77,7 @@ def listen_fds(environ: MutableMapping[str, str], pid: int) -> list[tuple[str, i
 def listening_unix_socket(name: str, fd: int) -> tuple[Path, socket.socket]:
     """Take over inherited descriptor ``fd``: a listening Unix stream socket with a path."""
     try:
-        import socket  # noqa: PLC0415 (see the note on imports at the top)
+        import socket
 
         sock = socket.socket(fileno=fd)
     except OSError as exc:
@@ -114,7 +110,7 @@ def notify(address: str, message: str) -> None:
         target = address
     else:
         raise OSError(errno.EAFNOSUPPORT, f"unsupported NOTIFY_SOCKET address {address!r}")
-    import socket  # noqa: PLC0415 (see the note on imports at the top)
+    import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.sendto(message.encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, target)

@@ -1,14 +1,16 @@
-"""The daemon's configuration: one frozen value, built once from the command line."""
+"""The daemon's configuration: one frozen value, built once from the command line.
+
+Each default is written here, once, in the attrs fields: the command line
+passes on only the flags that were given, and its help text reads the rest
+from here (lazily: attrs is too heavy for the commands that must start
+instantly, so they load this module only to print help).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import attrs
-
-# Seconds open connections get to finish after SIGTERM before being cut:
-# enough for an in-flight signature, short enough for a service manager.
-DEFAULT_GRACE = 2.0
 
 
 def default_agents_dirs() -> tuple[str, ...]:
@@ -20,15 +22,30 @@ def default_agents_dirs() -> tuple[str, ...]:
 class Config:
     socket_path: Path
     control_path: Path
-    agents_dirs: tuple[str, ...]
-    probe_interval: float
-    probe_timeout: float
+    agents_dirs: tuple[str, ...] = attrs.field(factory=default_agents_dirs)
+    # Every agent is re-probed this often: a dead session is noticed within
+    # it (new ones sooner, by the directory watch), and a probe is one small
+    # request, so this costs the agents nothing noticeable.
+    probe_interval: float = 5.0
+    # A probe unanswered this long marks its agent slow (ranked below the
+    # healthy ones): longer than any network round trip, shorter than a
+    # hardware-key touch or a confirmation prompt.
+    probe_timeout: float = 2.0
     log_level: str = "info"
     log_file: Path | None = None
-    grace: float = DEFAULT_GRACE
+    # Seconds open connections get to finish after SIGTERM before being cut:
+    # enough for an in-flight signature, short enough for a service manager.
+    grace: float = 2.0
     # How often directory mtimes are checked for new sessions (not a flag:
     # tests stretch it to take the watcher out of the picture).
     watch_interval: float = 0.25
     # $NOTIFY_SOCKET when systemd runs us as a Type=notify service: where
     # READY=1 and STOPPING=1 go. None without systemd.
     notify_socket: str | None = None
+
+
+def default_of(name: str) -> object:
+    """The default of Config's field ``name`` (a factory's value for a factory)."""
+    default: object = attrs.fields_dict(Config)[name].default
+    factory = getattr(default, "factory", None)  # an attrs.Factory
+    return factory() if callable(factory) else default

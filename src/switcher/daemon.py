@@ -31,7 +31,7 @@ import attrs
 import structlog
 import trio
 
-from switcher import _systemd, paths
+from switcher import _systemd
 from switcher._signals import HANDLED, RELOAD_SIGNAL, HeldSignals
 from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
@@ -43,11 +43,11 @@ from switcher.core import (
     serve_agent_proxy,
     unix_connector,
 )
+from switcher.instancelock import AlreadyRunningError
+from switcher.pathsafety import UnsafePathError
+from switcher.served import LISTEN_BACKLOG, ServedSocket, Sockets, claim_sockets
 
 log = structlog.get_logger()
-
-# The agent socket and the control socket, in that order.
-Sockets = tuple[paths.ServedSocket, paths.ServedSocket]
 
 
 @attrs.frozen
@@ -127,7 +127,7 @@ async def run_daemon(
             if held_signals is not None:
                 held_signals.hand_over()
             if claimed is None:
-                claimed = _claim(config)
+                claimed = claim_sockets(config.socket_path, config.control_path)
             refuse_pid = os.getpid() if refuse_own_pid else None
             await _serve(config, claimed, signals, refuse_pid, reopen_logs, task_status)
     finally:
@@ -135,16 +135,6 @@ async def run_daemon(
             for served in reversed(claimed):
                 served.release()
             log.info("switcher.daemon.stopped", socket=str(config.socket_path))
-
-
-def _claim(config: Config) -> Sockets:
-    agent = paths.ServedSocket.claim(config.socket_path)
-    try:
-        control = paths.ServedSocket.claim(config.control_path)
-    except BaseException:
-        agent.release()
-        raise
-    return agent, control
 
 
 async def _serve(
@@ -281,7 +271,7 @@ async def _refresh(prober: Prober) -> None:
 
 
 async def _keep_sockets(
-    sockets: list[tuple[paths.ServedSocket, SwappableListener]],
+    sockets: list[tuple[ServedSocket, SwappableListener]],
     *,
     interval: float,
     rebound: Callable[[], None],
@@ -300,12 +290,12 @@ async def _keep_sockets(
             if served.is_activated or served.in_place():
                 continue
             try:
-                sock = served.rebind(paths.LISTEN_BACKLOG)
-            except paths.AlreadyRunningError as exc:
+                sock = served.rebind(LISTEN_BACKLOG)
+            except AlreadyRunningError as exc:
                 log.error("switcher.daemon.socket_lost", path=str(served.path), reason=str(exc))
                 stop(reason="socket_lost")
                 return
-            except (paths.UnsafePathError, OSError) as exc:
+            except (UnsafePathError, OSError) as exc:
                 # Retried every interval; said again only if the reason changes.
                 # A plain OSError (out of descriptors, a removal racing ours)
                 # is as passing as an unsafe path: neither stops the daemon.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import sys
 
 # linux/prctl.h
@@ -37,8 +38,6 @@ def raise_open_files_limit() -> tuple[int, int]:
     the hard limit is usually far higher. Running out is handled (accept
     backs off, clients get FAILURE), but there is no reason to run out early.
     """
-    import resource  # noqa: PLC0415 (Unix-only, and only the daemon needs it)
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft >= hard:
         return soft, soft

@@ -1,4 +1,4 @@
-"""Issue 5, end to end: only the owner reaches the agent, and only the owner's sessions serve.
+"""Security, end to end: only the owner reaches the agent, and only the owner's sessions serve.
 
 switcher runs as the test user (A) from the world-readable install; a second unprivileged
 user (B) plays the neighbour on a shared host: it connects to A's sockets, plants agents
@@ -42,7 +42,7 @@ from _system import (
 
 from switcher.core import open_backend
 from switcher.core._peer import BackendUnavailableError
-from switcher.paths import socket_answers
+from switcher.served import socket_answers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence

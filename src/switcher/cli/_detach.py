@@ -22,7 +22,6 @@ from pathlib import Path
 
 from switcher.cli._exit import EXIT_OK, EXIT_REFUSED, fail
 
-# Not `from typing import TYPE_CHECKING`: see switcher.paths.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable

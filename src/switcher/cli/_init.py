@@ -18,7 +18,6 @@ from pathlib import Path
 from switcher import paths
 from switcher.cli._exit import EXIT_OK
 
-# Not `from typing import TYPE_CHECKING`: see switcher.paths.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -72,7 +71,7 @@ def switcher_command() -> list[str]:
     script = sys.argv[0]
     if Path(script).name != "__main__.py":
         if os.sep not in script:
-            import shutil  # noqa: PLC0415  (rarely needed: scripts get their full path)
+            import shutil
 
             script = shutil.which(script) or ""
         if script and Path(script).is_file():

@@ -2,15 +2,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from switcher import __version__
 from switcher.cli import _ctl
+from switcher.cli._configdefault import ConfigDefault
 from switcher.cli._exit import EXIT_OK
 
-# pathlib and switcher.paths are loaded by the commands that use them:
-# `switcher ctl`, run by status lines every few seconds, needs neither.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,7 +23,7 @@ daemon runs on without a terminal and logs to
 $XDG_STATE_HOME/switcher/switcher.log (~/.local/state/switcher/...).
 
 signals:
-  SIGINT, SIGTERM, SIGQUIT  stop accepting, give open connections 2 s, exit 0
+  SIGINT, SIGTERM, SIGQUIT  stop accepting, give open connections {config.grace} s, exit 0
   SIGHUP                    reopen the log file (logrotate) and re-probe every
                             agent; it never stops the daemon
 
@@ -56,7 +56,9 @@ flags given here are passed on to the daemon.
 
 
 def _path(text: str) -> Path:
-    from pathlib import Path  # noqa: PLC0415 (see the note on imports at the top)
+    # pathlib is loaded only when a path flag is given: `switcher ctl`, run
+    # by status lines every few seconds, needs none of it.
+    from pathlib import Path
 
     return Path(text)
 
@@ -103,6 +105,19 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, width=_columns() - 2)
+
+    # {config.NAME} in help text stands for Config's default for NAME, read
+    # only when help is printed (see switcher.cli._configdefault).
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(_config_defaults(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return _config_defaults(super()._expand_help(action))
+
+
+def _config_defaults(text: str) -> str:
+    return re.sub(r"\{config\.(\w+)\}", lambda m: str(ConfigDefault(m[1])), text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,43 +179,53 @@ def _add_daemon_options(
     def default(value: object) -> object:
         return value if keep_defaults else argparse.SUPPRESS
 
+    def from_config(field: str) -> object:
+        return default(ConfigDefault(field))
+
     return [
         parser.add_argument(
             "--socket-path",
             type=_path,
             default=default(None),
+            metavar="PATH",
             help="the stable agent socket (default: /tmp/switcher-$UID/agent.sock)",
         ),
         parser.add_argument(
             "--control-path",
             type=_path,
             default=default(None),
+            metavar="PATH",
             help="the JSON control socket (default: /tmp/switcher-$UID/control.sock, or "
             "control-<hash>.sock there for another --socket-path)",
         ),
         parser.add_argument(
             "--agents-dirs",
             type=_agents_dirs,
-            default=default(None),
+            default=from_config("agents_dirs"),
             metavar="DIR[:DIR...]",
-            help="where to look for forwarded agents (default: $HOME/.ssh/agent:/tmp)",
+            help="where to look for forwarded agents (default: {config.agents_dirs})",
         ),
         parser.add_argument(
             "--log-file",
             type=_path,
             default=default(None),
+            metavar="PATH",
             help="append JSON log lines here (default: stderr; with --daemon: "
             "$XDG_STATE_HOME/switcher/switcher.log)",
         ),
         parser.add_argument(
             "--log-level",
             choices=("debug", "info", "warning", "error"),
-            default=default("info"),
+            default=from_config("log_level"),
+            metavar="LEVEL",
+            help="log events this severe and worse: debug, info, warning or error "
+            "(default: {config.log_level})",
         ),
         parser.add_argument(
             "--pid-file",
             type=_path,
             default=default(None),
+            metavar="PATH",
             help="write the daemon's pid here (default: none; with --daemon: "
             "$XDG_RUNTIME_DIR/switcher.pid, or $XDG_STATE_HOME/switcher/switcher.pid)",
         ),
@@ -213,16 +238,17 @@ def _add_daemon_options(
         parser.add_argument(
             "--probe-interval",
             type=_positive_seconds,
-            default=default(5.0),
+            default=from_config("probe_interval"),
             metavar="SECONDS",
-            help="how often every backend is probed (default: 5)",
+            help="how often every agent is probed (default: {config.probe_interval})",
         ),
         parser.add_argument(
             "--probe-timeout",
             type=_positive_seconds,
-            default=default(2.0),
+            default=from_config("probe_timeout"),
             metavar="SECONDS",
-            help="a probe unanswered this long marks its backend slow (default: 2)",
+            help="a probe unanswered this long marks its agent slow "
+            "(default: {config.probe_timeout})",
         ),
     ]
 
@@ -230,14 +256,14 @@ def _add_daemon_options(
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "path":
-        from switcher import paths  # noqa: PLC0415 (see the note on imports at the top)
+        from switcher import paths
 
         print(args.socket_path or paths.default_socket_path())
         return EXIT_OK
     if args.command == "daemon":
         return _daemon(args)
     if args.command == "init":
-        from switcher.cli._init import run as init  # noqa: PLC0415
+        from switcher.cli._init import run as init
 
         return init(args)
     if args.command == "ctl":
@@ -247,6 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _daemon(args: argparse.Namespace) -> int:
     # Loaded here, not at the top: `switcher path` and `ctl` need none of it.
-    from switcher.cli._daemon import run  # noqa: PLC0415
+    from switcher.cli._daemon import run
 
     return run(args)
