@@ -213,11 +213,11 @@ class TestRanking:
         assert choice.path == old.path
 
     def test_rank_key(self) -> None:
-        """The sort key is (pin, health rank, -appeared, -last success), unknown success last."""
+        """The sort key is (pin, kind and health tier, local order, -appeared, -last success)."""
         backend = Backend.from_candidate(cand("a", 50.0))
-        assert rank_key(backend, None) == (1, 2, -50.0, float("inf"))
+        assert rank_key(backend, None) == (1, 4, 0, -50.0, float("inf"))
         healthy = attrs.evolve(backend, health=Health.HEALTHY, last_success=7.0)
-        assert rank_key(healthy, backend.id) == (0, 0, -50.0, -7.0)
+        assert rank_key(healthy, backend.id) == (0, 0, 0, -50.0, -7.0)
 
 
 class TestPin:

@@ -31,6 +31,9 @@ class Config:
     # healthy ones): longer than any network round trip, shorter than a
     # hardware-key touch or a confirmation prompt.
     probe_timeout: float = 2.0
+    # Local agents (--local-agent, expanded), in the order given: used only
+    # while no forwarded agent is healthy or slow.
+    local_agents: tuple[str, ...] = ()
     log_level: str = "info"
     log_file: Path | None = None
     # Seconds open connections get to finish after SIGTERM before being cut:

@@ -149,7 +149,9 @@ async def _serve(
     prober = Prober(
         registry,
         # Our own sockets are never backends, whatever they are named.
-        scan_settings(config.agents_dirs, exclude=_identities(sockets)),
+        scan_settings(
+            config.agents_dirs, exclude=_identities(sockets), local_agents=config.local_agents
+        ),
         interval=config.probe_interval,
         probe_timeout=config.probe_timeout,
         refuse_pid=refuse_pid,

@@ -24,6 +24,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
+    from typing import Any
 
     from switcher.config import Config
 
@@ -125,7 +126,13 @@ def _config(args: argparse.Namespace, sockets: Sockets) -> Config:
         notify_socket=os.environ.pop("NOTIFY_SOCKET", None) or None,
         # The flags given; Config has the defaults of the others.
         **given(args, "agents_dirs", "probe_interval", "probe_timeout", "log_level"),  # type: ignore[arg-type]
+        **_local_agents(args),
     )
+
+
+def _local_agents(args: argparse.Namespace) -> dict[str, Any]:
+    """--local-agent, if given (repeatable, so None when left out, not a ConfigDefault)."""
+    return {"local_agents": tuple(args.local_agent)} if args.local_agent else {}
 
 
 def _refuse(report: StartReport, sockets: Sockets, message: str) -> int:

@@ -92,6 +92,9 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
             words.append(flag)
         elif isinstance(value, tuple):
             words += [flag, ":".join(value)]
+        elif isinstance(value, list):  # a repeatable flag: once per value
+            for item in value:
+                words += [flag, str(item)]
         elif isinstance(value, Path):
             words += [flag, str(value.absolute())]
         else:

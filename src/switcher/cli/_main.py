@@ -83,6 +83,22 @@ def _agents_dirs(text: str) -> tuple[str, ...]:
     return dirs
 
 
+def _local_agent(text: str) -> str:
+    """A --local-agent path: a leading ~ and $XDG_RUNTIME_DIR expanded, absolute."""
+    path = os.path.expanduser(text)
+    for var in ("${XDG_RUNTIME_DIR}", "$XDG_RUNTIME_DIR"):
+        if var in path:
+            runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+            if not runtime_dir:
+                raise argparse.ArgumentTypeError(f"XDG_RUNTIME_DIR is not set: {text!r}")
+            path = path.replace(var, runtime_dir)
+    if not os.path.isabs(path):
+        raise argparse.ArgumentTypeError(
+            f"must be absolute (only ~ and $XDG_RUNTIME_DIR are expanded): {text!r}"
+        )
+    return os.path.normpath(path)
+
+
 def _columns() -> int:
     """The terminal's width for help text, as shutil.get_terminal_size would say."""
     try:
@@ -204,6 +220,16 @@ def _add_daemon_options(
             default=from_config("agents_dirs"),
             metavar="DIR[:DIR...]",
             help="where to look for forwarded agents (default: {config.agents_dirs})",
+        ),
+        parser.add_argument(
+            "--local-agent",
+            type=_local_agent,
+            action="append",
+            default=default(None),
+            metavar="PATH",
+            help="a local agent's socket, used only while no forwarded agent is healthy or "
+            "slow; repeat for more, tried in the order given. A leading ~ and "
+            "$XDG_RUNTIME_DIR are expanded",
         ),
         parser.add_argument(
             "--log-file",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from switcher.control._protocol import ControlError
-from switcher.core import Backend, Health, RefreshReport, Registry, Snapshot
+from switcher.core import Backend, Health, Kind, RefreshReport, Registry, Snapshot
 
 
 def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
@@ -25,10 +25,14 @@ def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
         return "unknown: not probed yet" + (" (pin waits for a probe)" if pinned else "")
     if pinned:
         return "pinned"
+    if backend.kind is Kind.LOCAL:
+        return f"{backend.health.value}, local: used while no forwarded agent is healthy or slow"
     if backend.health is Health.SLOW:
         return f"slow: {backend.last_error or 'no answer in time'}"
     same_health = [
-        b for b in snapshot.backends if b.health is backend.health and b.id != snapshot.pinned
+        b
+        for b in snapshot.backends
+        if b.health is backend.health and b.id != snapshot.pinned and b.kind is backend.kind
     ]
     newest = max(same_health, key=lambda b: b.appeared)
     return "healthy, newest" if newest.id == backend.id else "healthy, older session"
@@ -42,6 +46,7 @@ def backend_json(backend: Backend, snapshot: Snapshot) -> dict[str, Any]:
     return {
         "id": backend.id,
         "path": backend.path,
+        "kind": backend.kind.value,
         "layout": backend.layout.value,
         "health": backend.health.value,
         "reason": rank_reason(backend, snapshot),

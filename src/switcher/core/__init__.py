@@ -19,7 +19,7 @@ from switcher.core._proxy import (
     serve_agent_proxy,
     unix_connector,
 )
-from switcher.core._registry import Backend, Health, ProbeResult, Registry, Snapshot
+from switcher.core._registry import Backend, Health, Kind, ProbeResult, Registry, Snapshot
 
 __all__ = [
     "MAX_MESSAGE_LEN",
@@ -29,6 +29,7 @@ __all__ = [
     "FrameDecoder",
     "FrameError",
     "Health",
+    "Kind",
     "Layout",
     "MessageType",
     "PeerCredentials",

@@ -26,7 +26,7 @@ import trio
 
 from switcher.core._discovery import Layout
 from switcher.core._proctree import Chain, Process, ProcessTable, Stop, clock_ticks
-from switcher.core._registry import Backend, Health, Snapshot
+from switcher.core._registry import Backend, Health, Kind, Snapshot
 from switcher.core._tmux import TmuxClient, TmuxQuery
 
 # The whole lookup (reading /proc, asking tmux) gets this long before the
@@ -110,6 +110,7 @@ def match_session(chain: Chain, backends: Sequence[Backend]) -> SessionMatch | N
     The walk stops at a tmux server: what lies beyond is the session that
     started the server, not the one the person is typing in.
     """
+    backends = [b for b in backends if b.kind is Kind.FORWARDED]  # a local agent is no session
     by_path = {b.path: b for b in backends}
     by_sshd = {pid: b for b in backends if (pid := legacy_sshd_pid(b)) is not None}
     last = len(chain.processes) - 1
@@ -170,7 +171,10 @@ class Affinity:
 
     async def decide(self, pid: int, snapshot: Snapshot, *, fresh: bool = False) -> Decision:
         """Apply the rule to process ``pid``; ``fresh`` asks tmux again instead of its cache."""
-        eligible = [b for b in snapshot.usable if b.health in _ELIGIBLE]
+        # Affinity follows sessions: a local agent is nobody's session.
+        eligible = [
+            b for b in snapshot.usable if b.health in _ELIGIBLE and b.kind is Kind.FORWARDED
+        ]
         pinned = snapshot.find(snapshot.pinned) if snapshot.pinned is not None else None
         if pinned is not None and pinned.health in _ELIGIBLE:
             return Decision(ChosenBy.PIN, pinned, steps=(f"pinned: {_describe_agent(pinned)}",))

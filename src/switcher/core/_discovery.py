@@ -1,4 +1,5 @@
-"""Finding the agent sockets that sshd forwarded for our live sessions.
+"""Finding the agent sockets that sshd forwarded for our live sessions,
+and checking the local agents the user named (``--local-agent``).
 
 Pure file-system inspection, no I/O on the sockets themselves: whether a
 candidate is alive is the prober's business. Everything here uses ``lstat``
@@ -46,6 +47,7 @@ class Layout(enum.Enum):
 
     TMP = "tmp"  # /tmp/ssh-*/agent.* (OpenSSH before 10.1)
     AGENT_DIR = "agent-dir"  # ~/.ssh/agent/s.<hash>.sshd.* (OpenSSH 10.1 and later)
+    LOCAL = "local"  # a local agent named with --local-agent: the last resort
 
 
 def host_hash(hostname: str | bytes | None = None) -> str:
@@ -62,13 +64,24 @@ def host_hash(hostname: str | bytes | None = None) -> str:
 
 @attrs.frozen
 class Candidate:
-    """A socket that looks like a forwarded agent of ours."""
+    """A socket that looks like a forwarded agent of ours, or a local agent named to us.
+
+    A local agent is a candidate whether or not its socket is there: it is
+    reported on every scan, with dev and ino 0 while its socket is missing,
+    and with ``refused`` saying why, when its path fails a safety check.
+    """
 
     path: str
     layout: Layout
     dev: int
     ino: int
     ctime: float  # when the socket was made: the session's age, for ranking
+    order: int = 0  # a local agent's place among --local-agent flags
+    refused: str | None = None  # why we must not connect to it (local agents only)
+
+    @property
+    def missing(self) -> bool:
+        return (self.dev, self.ino) == (0, 0)
 
 
 @attrs.frozen
@@ -96,6 +109,8 @@ class ScanSettings:
     host_hash: str
     # (st_dev, st_ino) of our own listening sockets: never relay to ourselves.
     exclude: frozenset[tuple[int, int]] = frozenset()
+    # Local agents' sockets (absolute, expanded), in the order given.
+    local_agents: tuple[str, ...] = ()
 
 
 def _socket_problem(st: os.stat_result, settings: ScanSettings) -> str | None:
@@ -108,6 +123,29 @@ def _socket_problem(st: os.stat_result, settings: ScanSettings) -> str | None:
     if (st.st_dev, st.st_ino) in settings.exclude:
         return "our own socket"
     return None
+
+
+def _parent_problem(st: os.stat_result, settings: ScanSettings) -> str | None:
+    """Whether a local agent's directory lets others swap its socket (/tmp's sticky bit won't)."""
+    if st.st_uid not in (settings.uid, 0):
+        return f"directory owned by uid {st.st_uid}"
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        return "directory writable by group or others"
+    return None
+
+
+def _local_candidate(path: str, order: int, settings: ScanSettings) -> Candidate:
+    """A local agent as it is now: present, missing (dev and ino 0), or refused and why."""
+    try:
+        parent = os.stat(os.path.dirname(path))
+        st = os.lstat(path)
+    except FileNotFoundError:
+        # Not started yet, or stopped: still a candidate, tried as a last resort.
+        return Candidate(path, Layout.LOCAL, 0, 0, 0.0, order)
+    except OSError as exc:
+        return Candidate(path, Layout.LOCAL, 0, 0, 0.0, order, exc.strerror or "lstat failed")
+    problem = _socket_problem(st, settings) or _parent_problem(parent, settings)
+    return Candidate(path, Layout.LOCAL, st.st_dev, st.st_ino, st.st_ctime, order, problem)
 
 
 def _dir_problem(st: os.stat_result, settings: ScanSettings) -> str | None:
@@ -206,8 +244,13 @@ def scan(settings: ScanSettings) -> ScanResult:
             continue
         seen.add(real)
         state.scan_agents_dir(top)
+    local = [_local_candidate(p, i, settings) for i, p in enumerate(settings.local_agents)]
+    # A local agent named to us is local, even where a forwarded one could be
+    # (ssh-agent's own sockets in /tmp look just like sshd's).
+    named = {(c.dev, c.ino) for c in local if not c.missing}
+    forwarded = [c for c in state.candidates if (c.dev, c.ino) not in named]
     return ScanResult(
-        candidates=tuple(state.candidates),
+        candidates=(*forwarded, *local),
         skipped=tuple(state.skipped),
         watched=tuple(state.watched),
         errors=tuple(state.errors),

@@ -199,6 +199,8 @@ class Prober:
         return running.change
 
     async def _probe_now(self, backend: Backend) -> HealthChange | None:
+        if backend.refused is not None:
+            return None  # a local agent's path failed a safety check: never connect
         with trio.move_on_after(self.probe_timeout) as scope:
             try:
                 result = await self.probe_path(backend.path, refuse_pid=self.refuse_pid)
@@ -245,9 +247,16 @@ class Prober:
 
 
 def scan_settings(
-    agents_dirs: tuple[str, ...], *, exclude: frozenset[tuple[int, int]] = frozenset()
+    agents_dirs: tuple[str, ...],
+    *,
+    exclude: frozenset[tuple[int, int]] = frozenset(),
+    local_agents: tuple[str, ...] = (),
 ) -> ScanSettings:
     """Discovery settings for this process: our uid and this host's hash."""
     return ScanSettings(
-        agents_dirs=agents_dirs, uid=os.getuid(), host_hash=host_hash(), exclude=exclude
+        agents_dirs=agents_dirs,
+        uid=os.getuid(),
+        host_hash=host_hash(),
+        exclude=exclude,
+        local_agents=local_agents,
     )

@@ -40,16 +40,42 @@ class Cause(enum.Enum):
     PROBE = "probe"  # the prober asked it for its identities
     CLIENT_ANSWERED = "client_answered"  # it answered a relayed request
     RELAY_FAILED = "relay_failed"  # the relay could not connect to it, or lost it
+    SCAN = "scan"  # a local agent's socket went missing, came back, or failed a safety check
 
 
-# Rank order between health states: usable first, most trustworthy first.
-_HEALTH_RANK = {Health.HEALTHY: 0, Health.SLOW: 1, Health.UNKNOWN: 2, Health.DEAD: 3}
+class Kind(enum.Enum):
+    """Where an agent comes from (``ctl list``'s KIND)."""
+
+    FORWARDED = "forwarded"  # sshd made it for a session
+    LOCAL = "local"  # named with --local-agent: the last resort
+
+
 _PINNABLE = frozenset({Health.HEALTHY, Health.SLOW})
+
+# Rank order between (kind, health): a forwarded session that works wins,
+# since it is the person's own agent on the machine in front of them; a
+# working local agent comes next, before anything not yet heard from; then
+# the rest, forwarded before local at each step.
+_TIER = {
+    (Kind.FORWARDED, Health.HEALTHY): 0,
+    (Kind.FORWARDED, Health.SLOW): 1,
+    (Kind.LOCAL, Health.HEALTHY): 2,
+    (Kind.LOCAL, Health.SLOW): 3,
+    (Kind.FORWARDED, Health.UNKNOWN): 4,
+    (Kind.LOCAL, Health.UNKNOWN): 5,
+    (Kind.FORWARDED, Health.DEAD): 6,
+    (Kind.LOCAL, Health.DEAD): 7,
+}
 
 
 def backend_id(path: str, dev: int, ino: int) -> str:
     """A short id, stable for the life of one socket (and across daemon restarts)."""
     return hashlib.blake2b(f"{path}\0{dev}:{ino}".encode(), digest_size=4).hexdigest()
+
+
+def local_backend_id(path: str) -> str:
+    """A local agent's id: one per path, kept when its socket goes and comes back."""
+    return hashlib.blake2b(f"local\0{path}".encode(), digest_size=4).hexdigest()
 
 
 @attrs.frozen
@@ -70,24 +96,67 @@ class Backend:
     key_count: int | None = None
     served: int = 0
     failed: int = 0
+    order: int = 0  # a local agent's place among --local-agent flags
+    # Why switcher will not connect to it (a local agent whose path failed
+    # a safety check): it stays dead, and is neither probed nor tried.
+    refused: str | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return Kind.LOCAL if self.layout is Layout.LOCAL else Kind.FORWARDED
 
     @classmethod
     def from_candidate(cls, candidate: Candidate) -> Backend:
-        return cls(
-            id=backend_id(candidate.path, candidate.dev, candidate.ino),
+        local = candidate.layout is Layout.LOCAL
+        backend = cls(
+            id=local_backend_id(candidate.path)
+            if local
+            else backend_id(candidate.path, candidate.dev, candidate.ino),
             path=candidate.path,
             layout=candidate.layout,
             dev=candidate.dev,
             ino=candidate.ino,
             appeared=candidate.ctime,
+            order=candidate.order,
+        )
+        return backend.with_socket(candidate) if local else backend
+
+    def with_socket(self, candidate: Candidate) -> Backend:
+        """A local agent after a scan found ``candidate`` at its path.
+
+        Its health is the scan's to say only when the socket is missing or
+        refused (dead), or has just come back or been replaced (unknown
+        until probed or tried); otherwise it stays as the probes left it.
+        """
+        error: str | None
+        if candidate.refused is not None:
+            health, error = Health.DEAD, candidate.refused
+        elif candidate.missing:
+            health, error = Health.DEAD, "no socket at this path"
+        elif (candidate.dev, candidate.ino) != (self.dev, self.ino) or self.refused is not None:
+            health, error = Health.UNKNOWN, self.last_error
+        else:
+            health, error = self.health, self.last_error
+        return attrs.evolve(
+            self,
+            dev=candidate.dev,
+            ino=candidate.ino,
+            appeared=candidate.ctime,
+            refused=candidate.refused,
+            health=health,
+            last_error=error,
         )
 
 
-def rank_key(backend: Backend, pinned: str | None) -> tuple[int, int, float, float]:
-    """Sort key: a usable pin first, then by health, newest session, latest success."""
+def rank_key(backend: Backend, pinned: str | None) -> tuple[int, int, int, float, float]:
+    """Sort key: a usable pin first, then by kind and health (see ``_TIER``), then
+    local agents in the order given and forwarded ones newest session first,
+    then latest success.
+    """
     pin = 0 if backend.id == pinned and backend.health in _PINNABLE else 1
     last_success = backend.last_success if backend.last_success is not None else float("-inf")
-    return (pin, _HEALTH_RANK[backend.health], -backend.appeared, -last_success)
+    tier = _TIER[backend.kind, backend.health]
+    return (pin, tier, backend.order, -backend.appeared, -last_success)
 
 
 @attrs.frozen
@@ -113,8 +182,12 @@ class Snapshot:
 
     @functools.cached_property
     def dead(self) -> tuple[Backend, ...]:
-        """Backends judged dead, best first: a last resort before failing a client."""
-        return tuple(b for b in self.backends if b.health is Health.DEAD)
+        """Backends judged dead, best first: a last resort before failing a client.
+
+        A local agent whose socket is missing is here too: a socket-activated
+        agent may start on the connect. One refused by a safety check is not.
+        """
+        return tuple(b for b in self.backends if b.health is Health.DEAD and b.refused is None)
 
     def find(self, backend_id: str) -> Backend | None:
         for backend in self.backends:
@@ -155,6 +228,11 @@ class Registry:
         self._paths_by_id: dict[str, str] = {}
         # The current snapshot, built on demand and kept until the next change.
         self._snapshot: Snapshot | None = None
+        # Whether any local agent is held, and the id of the one chosen now
+        # (None while the choice is forwarded, or there is none): to log
+        # when the choice falls back to a local agent and when it leaves.
+        self._has_local = False
+        self._fallback: str | None = None
 
     # -- reading ---------------------------------------------------------
 
@@ -190,13 +268,15 @@ class Registry:
         """Make the registry hold exactly these candidates, keeping known state.
 
         A path whose inode changed is a different socket (a new session that
-        reused the name): the old entry goes, a fresh one comes.
+        reused the name): the old entry goes, a fresh one comes. Local agents
+        never go: their entry follows their socket (see ``Backend.with_socket``).
         """
         fresh = {c.path: c for c in candidates}
         removed = [
             b
             for path, b in self._backends.items()
-            if path not in fresh or (fresh[path].dev, fresh[path].ino) != (b.dev, b.ino)
+            if b.kind is Kind.FORWARDED
+            and (path not in fresh or (fresh[path].dev, fresh[path].ino) != (b.dev, b.ino))
         ]
         for backend in removed:
             del self._backends[backend.path]
@@ -204,23 +284,24 @@ class Registry:
             if backend.id == self._pinned:
                 self._pinned = None  # the pin ends when its session goes
         added = []
+        changes = []
         for path, candidate in fresh.items():
-            if path not in self._backends:
+            known = self._backends.get(path)
+            if known is None:
                 backend = Backend.from_candidate(candidate)
                 self._backends[path] = backend
                 self._paths_by_id[backend.id] = path
                 added.append(backend)
-        if added or removed:
+            elif known.kind is Kind.LOCAL:
+                backend = known.with_socket(candidate)
+                if backend != known:
+                    self._backends[path] = backend
+                    changes.append((known, backend))
+        if added or removed or changes:
+            self._has_local = self._has_local or any(b.kind is Kind.LOCAL for b in added)
             self._touch()
-        for backend in added:
-            log.info(
-                "switcher.registry.backend_added",
-                backend=backend.id,
-                path=backend.path,
-                layout=backend.layout.value,
-            )
-        for backend in removed:
-            log.info("switcher.registry.backend_removed", backend=backend.id, path=backend.path)
+        _log_reconciled(added, removed, changes)
+        self._note_choice()
         return Reconciled(tuple(added), tuple(removed))
 
     def _replace(self, new: Backend) -> None:
@@ -244,7 +325,9 @@ class Registry:
             key_count=result.key_count if result.key_count is not None else backend.key_count,
         )
         self._replace(new)
-        return _health_change(backend, new, Cause.PROBE)
+        change = _health_change(backend, new, Cause.PROBE)
+        self._note_choice()
+        return change
 
     def record_traffic(self, backend_id: str, *, served: int, failed: int) -> HealthChange | None:
         """Count requests a connection relayed; any answer is a success.
@@ -265,7 +348,10 @@ class Registry:
         )
         if revived or not self._count_in_place(backend, new):
             self._replace(new)
-        return _health_change(backend, new, Cause.CLIENT_ANSWERED)
+        change = _health_change(backend, new, Cause.CLIENT_ANSWERED)
+        if change is not None:
+            self._note_choice()
+        return change
 
     def _count_in_place(self, old: Backend, new: Backend) -> bool:
         """Update traffic counters without re-ranking, when that cannot move ``old``.
@@ -298,7 +384,9 @@ class Registry:
             return None
         new = attrs.evolve(backend, health=Health.DEAD, last_error=error, failed=backend.failed + 1)
         self._replace(new)
-        return _health_change(backend, new, Cause.RELAY_FAILED)
+        change = _health_change(backend, new, Cause.RELAY_FAILED)
+        self._note_choice()
+        return change
 
     def pin(self, backend_id: str | None) -> None:
         """Prefer one backend while it is usable; ``None`` clears the pin."""
@@ -307,6 +395,45 @@ class Registry:
         if backend_id != self._pinned:
             self._pinned = backend_id
             self._touch()
+            self._note_choice()
+
+    def _note_choice(self) -> None:
+        """Log when the choice falls back to a local agent, and when it leaves them."""
+        if not self._has_local:
+            return  # no local agent: nothing to fall back to, and no sort to pay for
+        choice = self.snapshot().choice
+        local = choice if choice is not None and choice.kind is Kind.LOCAL else None
+        if local is not None and self._fallback is None:
+            log.info(
+                "switcher.registry.fallback_to_local",
+                backend=local.id,
+                path=local.path,
+                cause="pin" if local.id == self._pinned else "no_forwarded_agent",
+            )
+        elif local is None and self._fallback is not None:
+            log.info(
+                "switcher.registry.fallback_ended",
+                backend=None if choice is None else choice.id,
+                path=None if choice is None else choice.path,
+                cause="no_agent" if choice is None else "forwarded_agent",
+            )
+        self._fallback = None if local is None else local.id
+
+
+def _log_reconciled(
+    added: list[Backend], removed: list[Backend], changes: list[tuple[Backend, Backend]]
+) -> None:
+    for backend in added:
+        log.info(
+            "switcher.registry.backend_added",
+            backend=backend.id,
+            path=backend.path,
+            layout=backend.layout.value,
+        )
+    for backend in removed:
+        log.info("switcher.registry.backend_removed", backend=backend.id, path=backend.path)
+    for old, new in changes:
+        _health_change(old, new, Cause.SCAN)
 
 
 def _health_change(old: Backend, new: Backend, cause: Cause) -> HealthChange | None:
