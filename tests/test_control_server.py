@@ -71,6 +71,7 @@ class Service:
     registry: Registry
     control: ControlService
     nursery: trio.Nursery
+    stop_requested: trio.Event
 
     def connect(self) -> LineClient:
         ours, theirs = trio.testing.memory_stream_pair()
@@ -97,14 +98,16 @@ class Service:
 async def service(short_tmp: Path) -> AsyncIterator[Service]:
     registry = Registry()
     settings = ScanSettings((str(short_tmp / "none"),), uid=0, host_hash=host_hash())
+    stop_requested = trio.Event()
     control = ControlService(
         registry,
         Prober(registry, settings),
         DaemonInfo(1, short_tmp / "s.sock", short_tmp / "c.sock", ("/x",), time.monotonic()),
         proxy_statistics=no_traffic,
+        request_stop=stop_requested.set,
     )
     async with trio.open_nursery() as nursery:
-        yield Service(registry, control, nursery)
+        yield Service(registry, control, nursery, stop_requested)
         nursery.cancel_scope.cancel()
 
 
@@ -164,6 +167,20 @@ class TestCommands:
             "active": 0,
             "failovers": 0,
             "answered_locally": 0,
+        }
+
+    async def test_stop_replies_then_asks_the_daemon_to_stop(self, service: Service) -> None:
+        """stop answers with the daemon's pid and paths, then starts the daemon's stop."""
+        with trio.fail_after(5):
+            client = service.connect()
+            reply = await client.call({**V1, "cmd": "stop"})
+            await service.stop_requested.wait()
+        assert reply == {
+            "ok": True,
+            "stopping": True,
+            "pid": 1,
+            "socket_path": str(service.control.info.socket_path),
+            "control_path": str(service.control.info.control_path),
         }
 
     async def test_watch_streams_choice_changes(self, service: Service) -> None:

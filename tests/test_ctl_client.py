@@ -25,8 +25,9 @@ import trio
 
 from fakes import make_socket_file
 from procs import SWITCHER, run_cli
-from switcher import __version__, paths
-from switcher.cli import _ctl, main
+from switcher import __version__, _defaults, paths
+from switcher.cli import _control_client, _render, main
+from switcher.cli._control_client import Daemon
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -226,7 +227,7 @@ REFRESH_NOTHING = {
     "choice": "6aa7bfd3",
 }
 WATCHING = {"ok": True, "watching": True, "choice": "6aa7bfd3"}
-NOT_FOUND = {"ok": False, "error": {"code": "not_found", "message": "no backend matches 'zz'"}}
+NOT_FOUND = {"ok": False, "error": {"code": "not_found", "message": "no agent matches 'zz'"}}
 
 
 def canned(server: FakeControl) -> None:
@@ -306,7 +307,8 @@ class TestHumanOutput:
         assert stdout.endswith("\nno usable agent right now\n")
 
     async def test_status_prints_key_value_lines(self, control: FakeControl) -> None:
-        """`status` prints each field as `key: value`, uptime in units, nested counters inline."""
+        """`status` prints each field as `key: value`, uptime in units, nested counters inline,
+        and says "agents" where the protocol's field says `backends`."""
         control.replies["status"] = line(STATUS_REPLY)
         assert await ctl(control.path, "status") == (
             0,
@@ -317,7 +319,7 @@ class TestHumanOutput:
                 "socket_path: /tmp/switcher-1000/agent.sock\n"
                 "control_path: /tmp/switcher-1000/control.sock\n"
                 "agents_dirs: /home/me/.ssh/agent, /tmp\n"
-                "backends: 2\n"
+                "agents: 2\n"
                 "healthy: 1\n"
                 "pinned: none\n"
                 "choice: 6aa7bfd3\n"
@@ -435,7 +437,7 @@ class TestFailures:
     ) -> None:
         """A `{"ok": false}` reply prints the daemon's message to stderr and exits 1."""
         control.replies[args[0]] = line(NOT_FOUND)
-        assert await ctl(control.path, *args) == (1, "", "switcher: no backend matches 'zz'\n")
+        assert await ctl(control.path, *args) == (1, "", "switcher: no agent matches 'zz'\n")
 
     async def test_an_error_with_only_a_code_prints_the_code(self, control: FakeControl) -> None:
         """An error reply without a message still says something: its code."""
@@ -466,7 +468,7 @@ class TestFailures:
         """A reply line longer than the client's limit is refused, not read into memory forever."""
 
         async def endless(stream: trio.SocketStream) -> None:
-            await stream.send_all(b"x" * (_ctl.MAX_REPLY_BYTES + 1))
+            await stream.send_all(b"x" * (_control_client.MAX_REPLY_BYTES + 1))
             await trio.sleep_forever()
 
         control.scripts["watch"] = endless
@@ -475,7 +477,7 @@ class TestFailures:
             "",
             (
                 f"switcher: the daemon at {control.path} sent a line longer than "
-                f"{_ctl.MAX_REPLY_BYTES} bytes\n"
+                f"{_control_client.MAX_REPLY_BYTES} bytes\n"
             ),
         )
 
@@ -486,7 +488,7 @@ class TestFailures:
         assert (status, json.loads(stdout), stderr) == (
             1,
             NOT_FOUND,
-            "switcher: no backend matches 'zz'\n",
+            "switcher: no agent matches 'zz'\n",
         )
 
     @pytest.mark.parametrize(
@@ -531,10 +533,12 @@ class TestFailures:
         assert (result.returncode, result.stdout, result.stderr[:6]) == (2, "", "usage:")
 
 
+# The daemon refuses root without --allow-root, so the hint says it to root.
+START = "switcher daemon --allow-root" if os.geteuid() == 0 else "switcher daemon"
+
+
 def no_daemon(path: Path) -> str:
-    return (
-        f"switcher: no daemon at {path} (start one with: switcher daemon --control-path {path})\n"
-    )
+    return f"switcher: no daemon at {path} (start one with: {START} --control-path {path})\n"
 
 
 class TestNoDaemon:
@@ -565,20 +569,55 @@ class TestNoDaemon:
     )
     def test_a_full_backlog_is_not_no_daemon(self, short_tmp: Path, error: OSError) -> None:
         """A connect that times out or gets EAGAIN means a daemon too busy to accept: exit 1."""
-        failure = _ctl._connect_error(str(short_tmp), error)
+        failure = _control_client.connect_error(Daemon(str(short_tmp), None), error)
         assert (str(failure), failure.status) == (
             f"the daemon at {short_tmp} is not accepting connections",
             1,
         )
 
-    def test_the_default_path_suggests_the_plain_command(self) -> None:
-        """At the default control path the hint is just `switcher daemon`."""
-        path = os.fspath(paths.default_control_path())
-        error = _ctl._connect_error(path, FileNotFoundError(errno.ENOENT, "No such file"))
+    @pytest.mark.parametrize(
+        ("euid", "command"), [(1000, "switcher daemon"), (0, "switcher daemon --allow-root")]
+    )
+    def test_the_default_path_suggests_the_plain_command(
+        self, monkeypatch: pytest.MonkeyPatch, euid: int, command: str
+    ) -> None:
+        """At the default control path the hint is plain `switcher daemon`; as root, with
+        --allow-root, without which the daemon refuses root."""
+        monkeypatch.setattr(os, "geteuid", lambda: euid)
+        error = _control_client.connect_error(
+            Daemon(None, None), FileNotFoundError(errno.ENOENT, "No such file")
+        )
         assert (str(error), error.status) == (
-            f"no daemon at {path} (start one with: switcher daemon)",
+            f"no daemon at {paths.default_control_path()} (start one with: {command})",
             3,
         )
+
+    def test_a_socket_path_finds_its_control_socket_and_names_itself_in_the_hint(
+        self, short_tmp: Path
+    ) -> None:
+        """--socket-path alone looks at that socket's own control socket (the daemon's rule),
+        and the hint starts a daemon on that socket."""
+        socket_path = str(short_tmp / "s.sock")
+        result = run_cli("ctl", "--socket-path", socket_path, "status")
+        control = _defaults.control_path_for(socket_path)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            3,
+            "",
+            (
+                f"switcher: no daemon at {control} "
+                f"(start one with: {START} --socket-path {socket_path})\n"
+            ),
+        )
+
+    async def test_control_path_wins_over_socket_path(self, control: FakeControl) -> None:
+        """Given both, before or after the command, --control-path is the socket used."""
+        control.replies["status"] = line(STATUS_REPLY)
+        elsewhere = "/nonexistent/s.sock"
+        before = await ctl(control.path, "--socket-path", elsewhere, "status", "--json")
+        after = await ctl(control.path, "status", "--socket-path", elsewhere, "--json")
+        assert [(status, json.loads(out), err) for status, out, err in (before, after)] == [
+            (0, STATUS_REPLY, "")
+        ] * 2
 
 
 class TestTimeouts:
@@ -591,7 +630,7 @@ class TestTimeouts:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """A daemon that never answers a request: one line naming the timeout, exit 1."""
-        monkeypatch.setattr(_ctl, "REPLY_TIMEOUT_S", 0.2)
+        monkeypatch.setattr(_control_client, "REPLY_TIMEOUT_S", 0.2)
 
         async def silent(_stream: trio.SocketStream) -> None:
             await trio.sleep_forever()
@@ -613,7 +652,7 @@ class TestTimeouts:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         """The reply timeout covers the first watch reply only, never the wait for events."""
-        monkeypatch.setattr(_ctl, "REPLY_TIMEOUT_S", 0.2)
+        monkeypatch.setattr(_control_client, "REPLY_TIMEOUT_S", 0.2)
 
         async def slow(stream: trio.SocketStream) -> None:
             await stream.send_all(line(WATCHING))
@@ -700,7 +739,7 @@ class TestWatch:
         assert (status, STAMP.sub(b"", stdout.encode()), stderr) == (
             1,
             b"watching; choice 6aa7bfd3\n",
-            "switcher: no backend matches 'zz'\n",
+            "switcher: no agent matches 'zz'\n",
         )
 
     async def test_a_reader_that_goes_away_ends_the_watch_quietly(
@@ -819,7 +858,7 @@ class TestFormatting:
     )
     def test_age_is_the_largest_whole_unit(self, seconds: float, text: str) -> None:
         """AGE rounds down to the largest whole unit, and clock skew shows as 0s."""
-        assert _ctl.format_age(seconds) == text
+        assert _render.format_age(seconds) == text
 
     @pytest.mark.parametrize(
         ("seconds", "text"),
@@ -827,11 +866,11 @@ class TestFormatting:
     )
     def test_uptime_shows_two_units(self, seconds: float, text: str) -> None:
         """Uptime is shown in its two largest units."""
-        assert _ctl.format_duration(seconds) == text
+        assert _render.format_duration(seconds) == text
 
     @pytest.mark.parametrize(
         ("ms", "text"), [(None, "-"), (0.04, "0.0ms"), (9.94, "9.9ms"), (10.0, "10ms")]
     )
     def test_latency(self, ms: float | None, text: str) -> None:
         """Latency keeps one decimal below 10 ms, none above, and is - when never probed."""
-        assert _ctl.format_latency(ms) == text
+        assert _render.format_latency(ms) == text

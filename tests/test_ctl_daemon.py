@@ -96,12 +96,12 @@ class TestCtlAgainstTheDaemon:
         assert cleared.returncode == 0
 
     async def test_prefer_an_unknown_id_fails_with_the_reason(self, world: World) -> None:
-        """`ctl prefer` with an id no backend has exits 1 and says so on stderr."""
+        """`ctl prefer` with an id no agent has exits 1 and says so on stderr."""
         with trio.fail_after(30):
             await world.start_daemon()
-            result = await ctl(world, "prefer", "/tmp/not-a-backend")
+            result = await ctl(world, "prefer", "/tmp/not-an-agent")
         assert result.returncode == 1
-        assert b"no backend '/tmp/not-a-backend'" in result.stderr
+        assert b"no agent '/tmp/not-an-agent'" in result.stderr
 
     async def test_refresh_reports_a_session_that_closed(self, world: World) -> None:
         """`ctl refresh` reports a session that just closed (before the watcher could)."""

@@ -170,6 +170,12 @@ async def _serve(
                 connect=unix_connector(refuse_pid=refuse_pid),
             )
         )
+        stopping = trio.Event()
+
+        def stop(**why: object) -> None:
+            log.info("switcher.daemon.stopping", **why, open_connections=proxy.active_connections)
+            stopping.set()
+
         control_service = ControlService(
             registry,
             prober,
@@ -181,6 +187,7 @@ async def _serve(
                 started=time.monotonic(),
             ),
             proxy_statistics=proxy.statistics,
+            request_stop=functools.partial(stop, reason="stop_requested"),
         )
         await root.start(serve_control, listeners[1], control_service)
         log.info(
@@ -198,12 +205,6 @@ async def _serve(
                 registry, prober, proxy, control_service, config.socket_path, config.control_path
             )
         )
-
-        stopping = trio.Event()
-
-        def stop(**why: object) -> None:
-            log.info("switcher.daemon.stopping", **why, open_connections=proxy.active_connections)
-            stopping.set()
 
         def exclude_own_sockets() -> None:
             prober.scanner.settings = attrs.evolve(

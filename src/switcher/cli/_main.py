@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from switcher import __version__
-from switcher.cli import _ctl
+from switcher.cli import _control_args
 from switcher.cli._configdefault import ConfigDefault
 from switcher.cli._exit import EXIT_OK
 
@@ -183,7 +183,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print the agent socket path",
         description='Print the stable socket path, for: export SSH_AUTH_SOCK="$(switcher path)"',
     ).add_argument("--socket-path", type=_path, default=None, help=argparse.SUPPRESS)
-    _ctl.add_parser(commands)
+    _control_args.add_parsers(commands)
     return parser
 
 
@@ -293,7 +293,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return init(args)
     if args.command == "ctl":
-        return _ctl.run(args)
+        from switcher.cli._ctl import run as ctl  # noqa: PLC0415
+
+        return ctl(args)
+    if args.command == "stop":
+        from switcher.cli._stop import run as stop  # noqa: PLC0415
+
+        return stop(args)
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
 
 

@@ -86,8 +86,8 @@ def resolve(snapshot: Snapshot, target: str) -> Backend:
         return matches[0]
     if matches:
         ids = ", ".join(sorted(b.id for b in matches))
-        raise ControlError("ambiguous", f"{target!r} matches several backends: {ids}")
-    raise ControlError("not_found", f"no backend {target!r} (see: switcher ctl list)")
+        raise ControlError("ambiguous", f"{target!r} matches several agents: {ids}")
+    raise ControlError("not_found", f"no agent {target!r} (see: switcher ctl list)")
 
 
 def prefer(registry: Registry, target: str | None) -> dict[str, Any]:

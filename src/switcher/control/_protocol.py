@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-PROTOCOL_VERSION = 1
+from switcher import CONTROL_PROTOCOL_VERSION
 
 # A request is a few dozen bytes; 64 KiB is generous and still bounds what
 # one client can make us buffer.
@@ -86,13 +86,19 @@ class WatchCommand:
     pass
 
 
-Command = ListCommand | PreferCommand | RefreshCommand | StatusCommand | WatchCommand
+@attrs.frozen
+class StopCommand:
+    pass
+
+
+Command = ListCommand | PreferCommand | RefreshCommand | StatusCommand | WatchCommand | StopCommand
 
 _NO_ARGUMENTS: dict[str, Command] = {
     "list": ListCommand(),
     "refresh": RefreshCommand(),
     "status": StatusCommand(),
     "watch": WatchCommand(),
+    "stop": StopCommand(),
 }
 _ENVELOPE = frozenset({"v", "cmd"})
 
@@ -106,10 +112,11 @@ def parse_request(line: bytes) -> Command:
     if not isinstance(value, dict):
         raise ControlError("not_an_object", "request must be a JSON object")
     version = value.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
+    if type(version) is not int or version != CONTROL_PROTOCOL_VERSION:
         raise ControlError(
             "unsupported_version",
-            f"unsupported protocol version {_show(version)}; this daemon speaks 1",
+            f"unsupported protocol version {_show(version)}; "
+            f"this daemon speaks {CONTROL_PROTOCOL_VERSION}",
         )
     cmd = value.get("cmd")
     if not isinstance(cmd, str):

@@ -25,12 +25,14 @@ from switcher.control._protocol import (
     PreferCommand,
     RefreshCommand,
     StatusCommand,
+    StopCommand,
     WatchCommand,
     encode_reply,
     parse_request,
 )
 from switcher.core import (
     Health,
+    PeerCredentials,
     Prober,
     ProxyStatistics,
     Registry,
@@ -88,6 +90,8 @@ class ControlService:
     prober: Prober
     info: DaemonInfo
     proxy_statistics: Callable[[], ProxyStatistics]
+    # Starts the daemon's graceful stop (what SIGTERM does); returns at once.
+    request_stop: Callable[[], None]
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     _active: int = 0
@@ -113,6 +117,15 @@ class ControlService:
                 "failovers": stats.failovers,
                 "answered_locally": stats.answered_locally,
             },
+        }
+
+    def stop_reply(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "stopping": True,
+            "pid": self.info.pid,
+            "socket_path": str(self.info.socket_path),
+            "control_path": str(self.info.control_path),
         }
 
     async def execute(self, command: Command) -> dict[str, Any]:
@@ -160,7 +173,7 @@ class ControlService:
             # Only cancellation (the daemon stopping) leaves this value in place.
             ending = Ending(Outcome.STOPPED)
             try:
-                ending = await self.handle(stream)
+                ending = await self.handle(stream, peer)
             except Exception:
                 # Log and go on, by design: a bug met by one control client must
                 # not take down the daemon, and the traceback shows what it was.
@@ -181,14 +194,14 @@ class ControlService:
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
 
-    async def handle(self, stream: trio.abc.Stream) -> Ending:
+    async def handle(self, stream: trio.abc.Stream, peer: PeerCredentials | None = None) -> Ending:
         """Serve one control connection's requests; say how it ended."""
         try:
-            return await self._converse(stream)
+            return await self._converse(stream, peer)
         except trio.BrokenResourceError as exc:
             return Ending(Outcome.CLIENT_VANISHED, _broken(exc))
 
-    async def _converse(self, stream: trio.abc.Stream) -> Ending:
+    async def _converse(self, stream: trio.abc.Stream, peer: PeerCredentials | None) -> Ending:
         framer = LineFramer(MAX_LINE)
         while True:
             try:
@@ -205,6 +218,18 @@ class ControlService:
                 continue
             if isinstance(command, WatchCommand):
                 return await self._watch(stream)
+            if isinstance(command, StopCommand):
+                # Reply first: the stop cancels this connection once open
+                # agent connections have drained, and the client reads that
+                # end as a sign the daemon is on its way out.
+                await _send(stream, self.stop_reply())
+                log.info(
+                    "switcher.control.stop_requested",
+                    client_pid=peer.pid if peer else None,
+                    client_uid=peer.uid if peer else None,
+                )
+                self.request_stop()
+                continue
             try:
                 reply = await self.execute(command)
             except ControlError as error:
