@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -816,29 +815,6 @@ class TestWatch:
                 process.send_signal(signal.SIGINT)
                 assert await process.wait() == 0
                 assert await process.stderr.receive_some() == b""
-
-
-class TestStartup:
-    async def test_ctl_loads_no_event_loop(self, control: FakeControl) -> None:
-        """A whole `ctl status` imports neither trio, structlog, attrs nor the daemon's packages."""
-        control.replies["status"] = line(STATUS_REPLY)
-        probe = (
-            "import json, sys\n"
-            "from switcher.cli import main\n"
-            "status = main(sys.argv[1:])\n"
-            "heavy = ('trio', 'structlog', 'attr', 'attrs', 'switcher.core', 'switcher.control',"
-            " 'switcher.daemon', 'switcher.config')\n"
-            "loaded = sorted(m for m in sys.modules if m.startswith(heavy))\n"
-            "print(json.dumps([status, loaded]), file=sys.stderr)\n"
-        )
-        with trio.fail_after(HANG_GUARD_S):
-            result = await trio.run_process(
-                [sys.executable, "-c", probe, "ctl", "--control-path", str(control.path), "status"],
-                capture_stdout=True,
-                capture_stderr=True,
-            )
-        assert json.loads(result.stderr) == [0, []]
-        assert result.stdout.startswith(b"pid: 4242\n")
 
 
 class TestFormatting:

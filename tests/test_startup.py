@@ -98,3 +98,8 @@ class TestImportBudget:
         """A whole `switcher ctl status` loads nothing heavy."""
         control = os.fspath(running / "c.sock")
         assert loaded_by("ctl", "--control-path", control, "status") == [0, []]
+
+    def test_stop(self, short_tmp: Path) -> None:
+        """`switcher stop` loads nothing heavy either (here it finds no daemon: exit 3)."""
+        control = os.fspath(short_tmp / "c.sock")
+        assert loaded_by("stop", "--control-path", control) == [3, []]

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-# Not `from typing import TYPE_CHECKING`: importing typing costs every
-# `switcher` command a few milliseconds of start-up (benchmarks/startup.py),
-# and mypy and ruff recognise the name alone.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -16,9 +16,6 @@ import socket
 from switcher import CONTROL_PROTOCOL_VERSION, _defaults
 from switcher.cli._exit import EXIT_NO_DAEMON, EXIT_REFUSED
 
-# Not `from typing import TYPE_CHECKING`: importing typing costs `switcher ctl`
-# a few milliseconds of its start-up (benchmarks/startup.py), and mypy and
-# ruff recognise the name alone.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
@@ -65,7 +62,7 @@ class Daemon:
 
     def start_command(self) -> str:
         """The command that starts a daemon here, as the user running us would type it."""
-        import shlex  # noqa: PLC0415 (only an error message needs it)
+        import shlex  # only an error message needs it
 
         words = ["switcher", "daemon"]
         if os.geteuid() == 0:

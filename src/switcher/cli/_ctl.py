@@ -16,8 +16,6 @@ from switcher.cli import _render
 from switcher.cli._control_client import ClientError, Connection, Daemon, check
 from switcher.cli._exit import EXIT_INTERRUPTED, EXIT_OK, fail
 
-# Not `from typing import TYPE_CHECKING`: importing typing costs `switcher ctl`
-# a few milliseconds of its start-up (benchmarks/startup.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse

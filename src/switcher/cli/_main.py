@@ -293,11 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return init(args)
     if args.command == "ctl":
-        from switcher.cli._ctl import run as ctl  # noqa: PLC0415
+        from switcher.cli._ctl import run as ctl
 
         return ctl(args)
     if args.command == "stop":
-        from switcher.cli._stop import run as stop  # noqa: PLC0415
+        from switcher.cli._stop import run as stop
 
         return stop(args)
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover

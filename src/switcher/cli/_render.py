@@ -11,8 +11,6 @@ import time
 
 from switcher import __version__
 
-# Not `from typing import TYPE_CHECKING`: importing typing costs `switcher ctl`
-# a few milliseconds of its start-up (benchmarks/startup.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence

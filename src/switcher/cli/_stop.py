@@ -15,7 +15,6 @@ import time
 from switcher.cli._control_client import ClientError, Connection, Daemon, check
 from switcher.cli._exit import EXIT_NO_DAEMON, EXIT_OK, EXIT_REFUSED, fail
 
-# Not `from typing import TYPE_CHECKING`: see cli/_ctl.py.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
