@@ -10,7 +10,7 @@ import struct
 import attrs
 import trio
 
-from switcher.core._fastsocket import FastSocketStream
+from switcher.core._relaysocket import RelaySocket
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -54,7 +54,7 @@ def describe_os_error(exc: OSError) -> str:
     return type(exc).__name__
 
 
-async def open_backend(path: str, *, refuse_pid: int | None) -> FastSocketStream:
+async def open_backend(path: str, *, refuse_pid: int | None) -> RelaySocket:
     """Connect to a backend agent socket and make sure it is not an impostor.
 
     The listener must belong to our user (or root), and must not be
@@ -83,7 +83,7 @@ async def open_backend(path: str, *, refuse_pid: int | None) -> FastSocketStream
     if peer.pid == refuse_pid:
         sock.close()
         raise BackendUnavailableError("listener is switcher itself")
-    return FastSocketStream(sock)
+    return RelaySocket(sock)
 
 
 async def _connect(sock: socket.socket, path: str) -> None:

@@ -1,46 +1,72 @@
-"""A leaner socket stream for the relay's hot path.
+"""The relay's socket: immediate when the kernel can answer, bounded when not.
 
 trio's ``SocketStream`` makes every send and receive a full checkpoint: a
 trip through the scheduler even when the kernel could answer at once. A
 relayed agent request costs four such operations, and profiling showed that
-sandwich, not the system calls, dominating the proxy's own time. This
-stream tries the non-blocking system call first and only waits (through
-trio's I/O manager, which also checkpoints) when the kernel says it would
-block. To stay fair to other tasks, it still yields every few operations
-that did not need to wait.
+sandwich, not the system calls, dominating the proxy's own time.
+``RelaySocket`` is therefore not a ``trio.abc.Stream`` (whose contract makes
+every operation a checkpoint) but a type of its own, with this contract:
+
+- ``send_all`` and ``receive_some`` first try the system call. When the
+  kernel would block, they wait through trio's I/O manager: a full
+  checkpoint (cancellation is delivered there, other tasks run).
+- An operation that did not need to wait is a checkpoint only once every
+  ``_UNYIELDED_BUDGET`` operations. So a task that keeps finding data ready
+  still lets others run, and a cancelled task notices within that many
+  operations: fairness and cancellation latency stay bounded.
+- ``receive_some`` right after a ``send_all`` waits for readability first
+  (the peer of an agent socket has not answered yet; trying at once would
+  only fail with EAGAIN).
+- ``aclose`` is idempotent and a checkpoint; a task blocked in an operation
+  on the socket is woken with ``ClosedResourceError``; operations on a
+  closed socket raise ``ClosedResourceError``, and a peer that went away
+  shows as ``BrokenResourceError``, as with trio's streams.
+
+The relay is written against :class:`RelayStream`, which both this type and
+trio's streams (memory streams in tests, ``SocketStream`` in the benchmark)
+satisfy.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+from typing import Protocol
 
 import trio
 
 # Operations allowed to complete without passing through the scheduler.
-# Low enough that a busy connection cannot starve the others for long; high
-# enough that a request and its reply (four operations) usually need none.
+# Low enough that a busy connection cannot starve the others (or ignore a
+# cancellation) for long; high enough that a request and its reply (four
+# operations) usually need none.
 _UNYIELDED_BUDGET = 8
 
 # Errors that mean the peer is gone, as trio's SocketStream reports them.
 _BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
-class FastSocketStream(trio.abc.HalfCloseableStream):
-    """A connected stream socket with immediate-when-possible I/O."""
+class RelayStream(Protocol):
+    """What the relay needs of a byte stream: a ``RelaySocket`` or any trio stream."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RelaySocket(trio.abc.AsyncResource):
+    """A connected stream socket with immediate-when-possible I/O (see the module)."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._budget = _UNYIELDED_BUDGET
         self._closed = False
-        # The agent protocol is request/response: right after we send on a
-        # socket, its peer has not answered yet, so a read attempted at once
-        # would only fail with EAGAIN. Wait for readiness first instead.
         self._just_sent = False
 
     @classmethod
-    def from_trio(cls, stream: trio.SocketStream) -> FastSocketStream:
+    def from_trio(cls, stream: trio.SocketStream) -> RelaySocket:
         """Take over the socket of a trio ``SocketStream`` (which must not be used after)."""
         trio_socket = stream.socket
         # Family and type given explicitly: otherwise socket() asks the kernel.
@@ -62,7 +88,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
-            raise trio.ClosedResourceError("the stream is closed")
+            raise trio.ClosedResourceError("the socket is closed")
         size = 65536 if max_bytes is None else max_bytes
         if self._just_sent:
             self._just_sent = False
@@ -80,7 +106,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
-            raise trio.ClosedResourceError("the stream is closed")
+            raise trio.ClosedResourceError("the socket is closed")
         view = memoryview(data)
         while view:
             try:
@@ -97,7 +123,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
     def _stream_error(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
         """The trio error for a failed system call, as trio's SocketStream reports it."""
         if self._closed and not isinstance(exc, _BROKEN):
-            return trio.ClosedResourceError("the stream is closed")
+            return trio.ClosedResourceError("the socket is closed")
         return trio.BrokenResourceError(str(exc))
 
     async def _wait(self, wait: object) -> None:
@@ -105,7 +131,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         try:
             await wait(self._sock)  # type: ignore[operator]
         except trio.ClosedResourceError:
-            raise trio.ClosedResourceError("the stream was closed while waiting") from None
+            raise trio.ClosedResourceError("the socket was closed while waiting") from None
 
     def peer_closed(self) -> bool:
         """Whether the peer closed its socket entirely (not just its write side).
@@ -120,18 +146,6 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         poller.register(self._sock, select.POLLHUP)
         return any(events & select.POLLHUP for _, events in poller.poll(0))
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self._sock)
-
-    async def send_eof(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream is closed")
-        await trio.lowlevel.checkpoint()
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
@@ -140,6 +154,6 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-def peer_closed(stream: trio.abc.Stream) -> bool:
+def peer_closed(stream: RelayStream) -> bool:
     """Whether ``stream``'s peer is known to have gone; False when we cannot tell."""
-    return isinstance(stream, FastSocketStream) and stream.peer_closed()
+    return isinstance(stream, RelaySocket) and stream.peer_closed()
