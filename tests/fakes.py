@@ -133,7 +133,7 @@ class MemoryBackends:
     connects: list[str] = attrs.Factory(list)
 
     async def connect(self, backend: Backend) -> trio.abc.Stream:
-        from switcher.core._peer import BackendUnavailableError  # noqa: PLC0415
+        from switcher.core import BackendUnavailableError  # noqa: PLC0415
 
         self.connects.append(backend.path)
         agent = self.agents.get(backend.path)

@@ -77,7 +77,14 @@ def _low_nofile() -> None:
 def _ran_out(daemon: Daemon) -> bool:
     """Whether the daemon logged running out of descriptors."""
     events = {e["event"] for e in daemon.log_events()}
-    return bool(events & {"switcher.accept_failed", "switcher.proxy.no_resources"})
+    return bool(
+        events
+        & {
+            "switcher.proxy.accept_failed",
+            "switcher.control.accept_failed",
+            "switcher.proxy.no_resources",
+        }
+    )
 
 
 @attrs.define(eq=False)

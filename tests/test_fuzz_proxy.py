@@ -28,16 +28,18 @@ from hypothesis import strategies as st
 from fakes import Behaviour, FakeAgent, MemoryBackends
 from switcher.core import (
     Candidate,
+    ConnectionResult,
     FrameDecoder,
     FrameError,
     Health,
     Layout,
     MessageType,
+    Outcome,
     ProbeResult,
     Registry,
     encode,
+    relay_connection,
 )
-from switcher.core._proxy import ConnectionResult, relay_connection
 
 # Virtual seconds: with the autojump clock a deadlock trips this at once.
 _HANG_GUARD = 600
@@ -45,12 +47,12 @@ _HANG_GUARD = 600
 # Every outcome relay_connection may report (docs/RELIABILITY.md).
 _OUTCOMES = frozenset(
     {
-        "ok",
-        "closed_idle",
-        "no_backend",
-        "backend_lost",
-        "client_vanished",
-        "client_vanished_mid_request",
+        Outcome.OK,
+        Outcome.CLOSED_IDLE,
+        Outcome.NO_BACKEND,
+        Outcome.BACKEND_LOST,
+        Outcome.CLIENT_VANISHED,
+        Outcome.CLIENT_VANISHED_MID_REQUEST,
     }
 )
 
@@ -88,7 +90,8 @@ class Expected:
 
     answered: list[int]  # request types that must be answered, in order
     maybe: list[int]  # requests sharing a write with the garbage: answered or not
-    outcome: str
+    outcome: Outcome
+    reason: str | None = None
 
 
 def model(writes: list[bytes]) -> Expected:
@@ -101,11 +104,11 @@ def model(writes: list[bytes]) -> Expected:
             while (frame := decoder.next_frame()) is not None:
                 this_write.append(frame.type)
         except FrameError as exc:
-            return Expected(answered, this_write, f"bad request: {exc}")
+            return Expected(answered, this_write, Outcome.BAD_REQUEST, str(exc))
         answered += this_write
     if decoder.buffered:
-        return Expected(answered, [], "client_vanished_mid_request")
-    return Expected(answered, [], "ok" if answered else "closed_idle")
+        return Expected(answered, [], Outcome.CLIENT_VANISHED_MID_REQUEST)
+    return Expected(answered, [], Outcome.OK if answered else Outcome.CLOSED_IDLE)
 
 
 def _registry_with(paths: list[str]) -> Registry:
@@ -185,7 +188,7 @@ class TestProxyFuzz:
         result, replies = _run(writes, {"/a/agent": agent})
         owed = [agent.answer(t) for t in expected.answered]
         optional = [agent.answer(t) for t in expected.maybe]
-        assert result.outcome == expected.outcome
+        assert (result.outcome, result.reason) == (expected.outcome, expected.reason)
         assert replies[: len(owed)] == owed
         assert replies[len(owed) :] == optional[: len(replies) - len(owed)]
 

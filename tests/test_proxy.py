@@ -12,8 +12,16 @@ import trio
 import trio.testing
 
 from fakes import AgentClient, Behaviour, FakeAgent, MemoryBackends, identities_body
-from switcher.core import Candidate, Health, Layout, MessageType, ProbeResult, Registry, encode
-from switcher.core._proxy import relay_connection
+from switcher.core import (
+    Candidate,
+    Health,
+    Layout,
+    MessageType,
+    ProbeResult,
+    Registry,
+    encode,
+    relay_connection,
+)
 
 FAILURE = encode(MessageType.FAILURE)
 
@@ -55,7 +63,7 @@ class Harness:
             outcome = await relay_connection(
                 theirs, registry=self.registry, connect=self.backends.connect, rescan=self.rescan
             )
-            self.outcomes.append(outcome.outcome)
+            self.outcomes.append(outcome.outcome.value)
 
         self.nursery.start_soon(serve)
         return AgentClient(ours)

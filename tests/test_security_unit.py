@@ -26,8 +26,7 @@ import trio
 
 from fakes import FakeAgent
 from procs import ALLOW_ROOT, SWITCHER, accepts, control_request, notify_socket, wait_ready
-from switcher.core import host_hash, open_backend
-from switcher.core._peer import BackendUnavailableError
+from switcher.core import BackendUnavailableError, host_hash, open_backend
 from world import World, answer, identities
 
 if TYPE_CHECKING:

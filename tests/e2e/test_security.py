@@ -40,8 +40,7 @@ from _system import (
     wait_until_serving,
 )
 
-from switcher.core import open_backend
-from switcher.core._peer import BackendUnavailableError
+from switcher.core import BackendUnavailableError, open_backend
 from switcher.served import socket_answers
 
 if TYPE_CHECKING:

@@ -85,6 +85,8 @@ def configure_logging(level: str, log_file: Path | None) -> LogSink:
     sink = LogSink(log_file)
     structlog.configure(
         processors=[
+            # Context a task bound for itself (a proxy connection: the client's pid and uid).
+            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Tracebacks without local variables: a relay frame's locals are

@@ -300,7 +300,7 @@ async def serve_control(
     """Accept control clients until cancelled."""
     async with listener, trio.open_nursery() as nursery:
         task_status.started(service)
-        await accept_loop(listener, nursery, service.serve_client)
+        await accept_loop(listener, nursery, service.serve_client, area="control")
 
 
 def _broken(exc: trio.BrokenResourceError) -> str:

@@ -2,7 +2,14 @@
 
 from switcher.core._accept import accept_loop
 from switcher.core._discovery import Candidate, Layout, ScanSettings, host_hash, scan
-from switcher.core._peer import PeerCredentials, open_backend, peer_credentials, uid_allowed
+from switcher.core._hangup import HangupWatch
+from switcher.core._peer import (
+    BackendUnavailableError,
+    PeerCredentials,
+    open_backend,
+    peer_credentials,
+    uid_allowed,
+)
 from switcher.core._prober import Prober, RefreshReport, probe, scan_settings
 from switcher.core._protocol import (
     MAX_MESSAGE_LEN,
@@ -12,26 +19,28 @@ from switcher.core._protocol import (
     MessageType,
     encode,
 )
-from switcher.core._proxy import (
-    ProxyServer,
-    ProxyStatistics,
-    relay_connection,
-    serve_agent_proxy,
-    unix_connector,
-)
+from switcher.core._proxy import ProxyServer, ProxyStatistics, serve_agent_proxy
 from switcher.core._registry import Backend, Health, Kind, ProbeResult, Registry, Snapshot
+from switcher.core._relay import ConnectionResult, Outcome, relay_connection
+from switcher.core._relaysocket import RelaySocket, RelayStream
+from switcher.core._upstream import Connector, unix_connector
 
 __all__ = [
     "MAX_MESSAGE_LEN",
     "Backend",
+    "BackendUnavailableError",
     "Candidate",
+    "ConnectionResult",
+    "Connector",
     "Frame",
     "FrameDecoder",
     "FrameError",
+    "HangupWatch",
     "Health",
     "Kind",
     "Layout",
     "MessageType",
+    "Outcome",
     "PeerCredentials",
     "ProbeResult",
     "Prober",
@@ -39,6 +48,8 @@ __all__ = [
     "ProxyStatistics",
     "RefreshReport",
     "Registry",
+    "RelaySocket",
+    "RelayStream",
     "ScanSettings",
     "Snapshot",
     "accept_loop",

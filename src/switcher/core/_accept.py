@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import resource
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import structlog
 import trio
@@ -21,12 +22,20 @@ _ACCEPT_BACKOFF_MAX = 1.0
 _RESERVED_DESCRIPTORS = 16
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
+# Each listener logs its accept failures under its own area.
+Area = Literal["proxy", "control"]
+_ACCEPT_FAILED: dict[Area, str] = {
+    "proxy": "switcher.proxy.accept_failed",
+    "control": "switcher.control.accept_failed",
+}
+
 
 async def accept_loop(
     listener: trio.abc.Listener[trio.SocketStream],
     handlers: trio.Nursery,
     handle: Callable[[trio.SocketStream], Awaitable[object]],
     *,
+    area: Area,
     admission: trio.Semaphore | None = None,
 ) -> None:
     """Accept forever, starting ``handle`` for each connection in ``handlers``.
@@ -34,6 +43,8 @@ async def accept_loop(
     With ``admission``, a connection is accepted only once a slot is free,
     and its slot is given back when ``handle`` returns; clients beyond that
     wait in the kernel's listen queue rather than being accepted and failed.
+    Running out of descriptors pauses accepting (logged under ``area``);
+    any other accept error is not ours to handle and ends the loop.
     """
     backoff = _ACCEPT_BACKOFF
     while True:
@@ -46,7 +57,7 @@ async def accept_loop(
                 admission.release()
             if exc.errno not in _RESOURCE_ERRNOS:
                 raise
-            log.error("switcher.accept_failed", reason=describe_os_error(exc), pause_s=backoff)
+            log.error(_ACCEPT_FAILED[area], reason=describe_os_error(exc), pause_s=backoff)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, _ACCEPT_BACKOFF_MAX)
             continue

@@ -1,0 +1,357 @@
+"""The relay: one client connection, served to the end by the best live agent.
+
+One client connection gets exactly one upstream connection at a time, never
+shared or pooled: OpenSSH binds agent connections to sessions
+(``session-bind@openssh.com``), and a binding lives as long as its
+connection.
+
+Failover is allowed only while no reply byte has reached the client. Until
+then we keep every request the client sent; if the agent refuses, resets,
+closes or speaks garbage, we mark it dead and replay those requests, in
+order, to the next-ranked agent. Once a reply has been delivered, the
+conversation belongs to that agent, and losing it closes the client.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import time
+
+import attrs
+import structlog
+import trio
+
+from switcher.core._hangup import HangupWatch
+from switcher.core._peer import describe_os_error
+from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
+from switcher.core._registry import Backend, Registry
+from switcher.core._relaysocket import RelayStream, peer_closed
+from switcher.core._upstream import Connector, Rescan, attach
+
+log = structlog.get_logger()
+
+# Reads are at most this big; a whole maximal message is 256 KiB + 4, so
+# typical messages (a few hundred bytes) arrive in one read.
+_RECEIVE_SIZE = 64 * 1024
+
+
+class Outcome(enum.Enum):
+    """How a client connection ended (the ``outcome`` of ``switcher.proxy.connection_closed``)."""
+
+    OK = "ok"  # the client closed with every request answered, some by an agent
+    CLOSED_IDLE = "closed_idle"  # the client closed without sending a request
+    NO_BACKEND = "no_backend"  # every request was answered FAILURE: no agent would take it
+    BAD_REQUEST = "bad_request"  # a malformed frame (``reason`` says how)
+    CLIENT_VANISHED = "client_vanished"  # the client went away while a reply was owed
+    CLIENT_VANISHED_MID_REQUEST = "client_vanished_mid_request"  # ... or mid-request
+    BACKEND_LOST = "backend_lost"  # the agent went away after a reply had been relayed
+    PEER_REFUSED = "peer_refused"  # the client's uid is neither ours nor root
+    CANCELLED = "cancelled"  # cut at shutdown, after the grace period
+    CRASHED = "crashed"  # a bug (``switcher.proxy.connection_crashed`` has the traceback)
+
+
+class _Lost(Exception):
+    """The current agent failed; ``reason`` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Finished(Exception):
+    """The conversation is over; ``outcome`` says how it ended."""
+
+    def __init__(self, outcome: Outcome, reason: str | None = None) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class _Tally:
+    """What we log of a connection: counts and sizes, never contents."""
+
+    request_types: collections.Counter[str] = attrs.Factory(collections.Counter)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    served: int = 0
+    answered_locally: int = 0
+    failovers: int = 0
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "requests": dict(self.request_types),
+            "replies": self.served,
+            "answered_locally": self.answered_locally,
+            "failovers": self.failovers,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """The state of one client connection through the proxy.
+
+    It runs in lockstep, as the agent protocol does: take the requests the
+    client has sent, forward them, deliver every reply, then read again.
+    ssh-agent answers each connection strictly in order, so while replies
+    are owed there is nothing to read from the client that could not wait
+    in its socket buffer, and one task per connection is enough.
+    """
+
+    client: RelayStream
+    registry: Registry
+    connect: Connector
+    rescan: Rescan
+    watch: HangupWatch | None
+    tally: _Tally = attrs.Factory(_Tally)
+    decoder: FrameDecoder = attrs.Factory(FrameDecoder)
+    upstream: RelayStream | None = None
+    upstream_decoder: FrameDecoder = attrs.Factory(FrameDecoder)
+    backend: Backend | None = None
+    # Requests not yet answered, oldest first (their type bytes).
+    outstanding: collections.deque[int] = attrs.Factory(collections.deque)
+    # Requests received but not yet sent to the current agent.
+    unsent: list[bytes] = attrs.Factory(list)
+    # Every request since the start, while no reply has reached the client;
+    # None once one has (committed). In lockstep this is only the batch in
+    # hand (one read, at most one maximal message more), so it needs no cap.
+    replay: list[bytes] | None = attrs.Factory(list)
+    # Cancelled by the HangupWatch when the client went away while it waited.
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    vanished: bool = False
+
+    # -- what the HangupWatch asks of a waiter ----------------------------
+
+    def client_hung_up(self) -> bool:
+        return peer_closed(self.client)
+
+    def cut(self) -> None:
+        self.vanished = True
+        self.scope.cancel()
+
+    # -- the conversation ---------------------------------------------------
+
+    async def run(self) -> Outcome:
+        """Serve the client until it or the conversation ends; return the outcome."""
+        try:
+            while (frames := await self._next_client_frames()) is not None:
+                for frame in frames:
+                    self._take_request(frame)
+                await self._answer_all()
+        finally:
+            if self.upstream is not None:
+                with trio.CancelScope(shield=True):
+                    await self.upstream.aclose()
+        # The client closed its side with every request answered: a
+        # half-closed client got its replies first, since ssh-agent itself
+        # drops a half-closed client without answering.
+        if not self.tally.request_types:
+            return Outcome.CLOSED_IDLE
+        return Outcome.OK if self.tally.served else Outcome.NO_BACKEND
+
+    async def _next_client_frames(self) -> list[Frame] | None:
+        """Wait for at least one whole request; None when the client is done."""
+        while True:
+            frames: list[Frame] = []
+            try:
+                while (frame := self.decoder.next_frame()) is not None:
+                    frames.append(frame)
+            except FrameError as exc:
+                raise _Finished(Outcome.BAD_REQUEST, str(exc)) from None
+            if frames:
+                return frames
+            try:
+                data = await self.client.receive_some(_RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _Finished(Outcome.CLIENT_VANISHED) from None
+            if not data:
+                if self.decoder.buffered:
+                    raise _Finished(Outcome.CLIENT_VANISHED_MID_REQUEST)
+                return None
+            self.tally.bytes_in += len(data)
+            self.decoder.feed(data)
+
+    def _take_request(self, frame: Frame) -> None:
+        self.tally.request_types[type_name(frame.type)] += 1
+        self.outstanding.append(frame.type)
+        self.unsent.append(frame.raw)
+        if self.replay is not None:
+            self.replay.append(frame.raw)
+
+    async def _send_client(self, data: bytes) -> None:
+        try:
+            await self.client.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Finished(Outcome.CLIENT_VANISHED) from None
+        self.tally.bytes_out += len(data)
+
+    async def _answer_all(self) -> None:
+        """Get every outstanding request answered, failing over while we may."""
+        tried: set[str] = set()
+        while self.outstanding:
+            if self.upstream is None:
+                attached = await attach(self.registry, self.connect, self.rescan, tried)
+                if attached is None:
+                    await self._answer_locally()
+                    return
+                self.backend, self.upstream = attached
+            try:
+                await self._exchange(self.upstream)
+            except _Lost as lost:
+                await self._fail_over(lost)
+
+    async def _exchange(self, upstream: RelayStream) -> None:
+        """Send what is unsent, then relay replies until none is owed."""
+        if self.unsent:
+            requests = b"".join(self.unsent)
+            self.unsent.clear()
+            try:
+                await upstream.send_all(requests)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Lost(_reason(exc)) from None
+        while self.outstanding:
+            try:
+                data = await self._receive_reply(upstream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _Lost(_reason(exc)) from None
+            if not data:
+                raise _Lost("closed before answering")
+            self.upstream_decoder.feed(data)
+            replies: list[bytes] = []
+            try:
+                while (frame := self.upstream_decoder.next_frame()) is not None:
+                    replies.append(frame.raw)
+            except FrameError as exc:
+                raise _Lost(f"bad reply: {exc}") from None
+            if not replies:
+                continue
+            # Whole replies only: the client never sees half a message, and a
+            # reply cut off by a dying agent never commits us to it.
+            self.replay = None
+            for _ in range(min(len(replies), len(self.outstanding))):
+                self.outstanding.popleft()
+            self.tally.served += len(replies)
+            await self._send_client(b"".join(replies))
+
+    async def _receive_reply(self, upstream: RelayStream) -> bytes | bytearray:
+        """Wait for reply bytes for as long as the agent needs.
+
+        No timeout: a touch or a confirmation may take minutes. A client that
+        goes away meanwhile is noticed by the HangupWatch (a per-reply
+        timeout here cost a tenth of the relay's CPU time in profiles).
+        """
+        if self.watch is None:
+            return await upstream.receive_some(_RECEIVE_SIZE)
+        self.watch.start_waiting(self)
+        try:
+            return await upstream.receive_some(_RECEIVE_SIZE)
+        finally:
+            self.watch.stop_waiting(self)
+
+    async def _fail_over(self, lost: _Lost) -> None:
+        """The agent failed: replay to the next one if no reply reached the client yet."""
+        assert self.upstream is not None and self.backend is not None
+        with trio.CancelScope(shield=True):
+            await self.upstream.aclose()
+        self.upstream = None
+        if self.replay is None:
+            # A reply reached the client: the conversation belonged to that session.
+            raise _Finished(Outcome.BACKEND_LOST, lost.reason)
+        # Nothing reached the client yet: it will never know.
+        self.registry.record_failure(self.backend.id, lost.reason)
+        self.registry.record_traffic(self.backend.id, served=0, failed=len(self.outstanding))
+        log.warning(
+            "switcher.proxy.failover",
+            backend=self.backend.id,
+            reason=lost.reason,
+            replayed=len(self.replay),
+        )
+        self.tally.failovers += 1
+        self.unsent = list(self.replay)
+        self.upstream_decoder = FrameDecoder()
+
+    async def _answer_locally(self) -> None:
+        """No agent at all: fail every waiting request at once, so clients don't hang."""
+        count = len(self.outstanding)
+        self.outstanding.clear()
+        self.unsent.clear()
+        self.tally.answered_locally += count
+        if self.replay is not None:
+            self.replay.clear()
+        await self._send_client(FAILURE_FRAME * count)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a broken stream: the OS error underneath, if there is one."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return describe_os_error(cause)
+    return "connection lost"
+
+
+@attrs.frozen
+class ConnectionResult:
+    outcome: Outcome
+    failovers: int = 0
+    answered_locally: int = 0
+    reason: str | None = None
+
+
+async def relay_connection(
+    client: RelayStream,
+    *,
+    registry: Registry,
+    connect: Connector,
+    rescan: Rescan,
+    watch: HangupWatch | None = None,
+) -> ConnectionResult:
+    """Serve one client connection to the end, log it once, say how it went.
+
+    Expected failures (a client or agent that vanished, a malformed frame)
+    end only this connection. The stream is closed on return. Who the
+    client is (pid, uid) comes from the structlog context the caller bound.
+    """
+    started = time.perf_counter()
+    connection = _Connection(client, registry, connect, rescan, watch)
+    outcome, reason = Outcome.CRASHED, None
+    try:
+        with connection.scope:
+            outcome = await connection.run()
+        if connection.vanished:
+            outcome = Outcome.CLIENT_VANISHED
+    except _Finished as finished:
+        outcome, reason = finished.outcome, finished.reason
+    except trio.Cancelled:
+        outcome = Outcome.CANCELLED
+        raise
+    finally:
+        tally = connection.tally
+        if connection.backend is not None:
+            revived = registry.record_traffic(
+                connection.backend.id,
+                served=tally.served,
+                failed=len(connection.outstanding) if outcome is not Outcome.OK else 0,
+            )
+            if revived is not None:
+                log.info(
+                    "switcher.prober.health_changed",
+                    backend=revived.backend.id,
+                    path=revived.backend.path,
+                    previous=revived.previous.value,
+                    health=revived.backend.health.value,
+                    reason="answered a client",
+                )
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+        log.info(
+            "switcher.proxy.connection_closed",
+            outcome=outcome.value,
+            reason=reason,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            backend=connection.backend.id if connection.backend is not None else None,
+            **tally.fields(),
+        )
+    return ConnectionResult(outcome, tally.failovers, tally.answered_locally, reason)
