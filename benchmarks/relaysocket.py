@@ -8,13 +8,18 @@ process sends REQUEST_IDENTITIES over one connection, in lockstep. Rounds
 alternate (A B A B ...) between the relay's two socket types, on both the
 client and the agent side: ``RelaySocket`` (what the daemon uses) and
 trio's ``SocketStream`` (what it would use otherwise). Everything else is
-the same code. Prints requests per second, medians over the rounds, and
-their ratio (RelaySocket over SocketStream: above 1.0 is what it buys).
+the same code. Prints, as medians over the rounds, the client's requests per
+second and the relay's own CPU time per request (``time.process_time``
+around ``relay_connection``: the client and the agent are other
+processes), and their ratios, SocketStream's cost over RelaySocket's: above
+1.0 is what RelaySocket buys. CPU per request is the steadier figure on a
+shared machine; throughput also moves with everything else running.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import socket
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import structlog
@@ -42,15 +48,18 @@ from switcher.core import (
 
 HERE = Path(__file__).resolve().parent
 
+# Requests each client sends before it starts timing.
+_WARMUP = 200
+
 # The client: lockstep identity requests over one connection, timed.
-_CLIENT = """
+_CLIENT = f"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import agentbench as ab
 sock = ab.connect(sys.argv[2])
 request = ab.frame(ab.REQUEST_IDENTITIES)
 count = int(sys.argv[3])
-for _ in range(200):
+for _ in range({_WARMUP}):
     ab.roundtrip(sock, request)
 started = time.perf_counter()
 for _ in range(count):
@@ -59,7 +68,9 @@ print(count / (time.perf_counter() - started))
 """
 
 
-async def _relay_round(proxy_path: str, agent_path: str, requests: int, *, fast: bool) -> float:
+async def _relay_round(
+    proxy_path: str, agent_path: str, requests: int, *, fast: bool
+) -> tuple[float, float]:
     registry = Registry()
     registry.reconcile([Candidate(agent_path, Layout.TMP, 1, 1, 1.0)])
     backend = registry.snapshot().backends[0]
@@ -82,16 +93,22 @@ async def _relay_round(proxy_path: str, agent_path: str, requests: int, *, fast:
         async def serve_one() -> None:
             stream = await listener.accept()
             client: RelayStream = RelaySocket.from_trio(stream) if fast else stream
+            started = time.process_time()
             await relay_connection(client, registry=registry, connect=connect, rescan=rescan)
+            cpu.append(time.process_time() - started)
+
+        cpu: list[float] = []
 
         nursery.start_soon(serve_one)
         result = await trio.run_process(
             [sys.executable, "-c", _CLIENT, str(HERE), proxy_path, str(requests)],
             capture_stdout=True,
         )
-        nursery.cancel_scope.cancel()
+        # The client has closed after its last request: the nursery waits
+        # for the relay to notice and return.
     await trio.Path(proxy_path).unlink()
-    return float(result.stdout)
+    # Requests per second seen by the client, and the relay's CPU per request (µs).
+    return float(result.stdout), cpu[0] / (requests + _WARMUP) * 1e6
 
 
 def main() -> None:
@@ -115,31 +132,41 @@ def main() -> None:
                 check=True,
                 stderr=subprocess.DEVNULL,
             )
-            figures: dict[str, list[float]] = {"relaysocket": [], "socketstream": []}
+            rates: dict[str, list[float]] = {"relaysocket": [], "socketstream": []}
+            cpu: dict[str, list[float]] = {"relaysocket": [], "socketstream": []}
             for _ in range(args.rounds):
-                for name, fast in (("relaysocket", True), ("socketstream", False)):
-                    rate = trio.run(
-                        lambda fast=fast: _relay_round(
-                            f"{tmp}/proxy.sock", agent_path, args.requests, fast=fast
-                        )
+                for name, use_relay_socket in (("relaysocket", True), ("socketstream", False)):
+                    round_ = functools.partial(
+                        _relay_round,
+                        f"{tmp}/proxy.sock",
+                        agent_path,
+                        args.requests,
+                        fast=use_relay_socket,
                     )
-                    figures[name].append(rate)
+                    rate, cpu_us = trio.run(round_)
+                    rates[name].append(rate)
+                    cpu[name].append(cpu_us)
         finally:
             agent.terminate()
             agent.wait()
-    fast, slow = (statistics.median(figures[k]) for k in ("relaysocket", "socketstream"))
-    report = {
-        "rounds": args.rounds,
-        "requests_per_round": args.requests,
-        "relaysocket_per_s": round(fast),
-        "socketstream_per_s": round(slow),
-        "ratio": round(fast / slow, 2),
-    }
+    report: dict[str, object] = {"rounds": args.rounds, "requests_per_round": args.requests}
+    for name in ("relaysocket", "socketstream"):
+        report[f"{name}_req_per_s"] = round(statistics.median(rates[name]))
+        report[f"{name}_relay_cpu_us_per_req"] = round(statistics.median(cpu[name]), 1)
+    report["throughput_ratio"] = round(
+        statistics.median(rates["relaysocket"]) / statistics.median(rates["socketstream"]), 2
+    )
+    report["cpu_ratio"] = round(
+        statistics.median(cpu["socketstream"]) / statistics.median(cpu["relaysocket"]), 2
+    )
+    report["per_round_cpu_ratios"] = [
+        round(b / a, 2) for a, b in zip(cpu["relaysocket"], cpu["socketstream"], strict=True)
+    ]
     if args.json:
         print(json.dumps(report))
     else:
         for key, value in report.items():
-            print(f"{key:>20}: {value}")
+            print(f"{key:>34}: {value}")
 
 
 if __name__ == "__main__":

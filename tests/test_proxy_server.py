@@ -6,8 +6,9 @@ import functools
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -78,7 +79,7 @@ async def proxy(short_tmp: Path) -> AsyncIterator[Proxy]:
             nursery.cancel_scope.cancel()
 
 
-def closed_events(logs: list[dict[str, object]]) -> list[dict[str, object]]:
+def closed_events(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "switcher.proxy.connection_closed"]
 
 

@@ -330,20 +330,13 @@ async def relay_connection(
     finally:
         tally = connection.tally
         if connection.backend is not None:
-            revived = registry.record_traffic(
+            # An agent judged dead that answered is healthy again (the
+            # registry logs the change).
+            registry.record_traffic(
                 connection.backend.id,
                 served=tally.served,
                 failed=len(connection.outstanding) if outcome is not Outcome.OK else 0,
             )
-            if revived is not None:
-                log.info(
-                    "switcher.prober.health_changed",
-                    backend=revived.backend.id,
-                    path=revived.backend.path,
-                    previous=revived.previous.value,
-                    health=revived.backend.health.value,
-                    reason="answered a client",
-                )
         with trio.CancelScope(shield=True):
             await client.aclose()
         log.info(
