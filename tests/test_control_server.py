@@ -322,8 +322,9 @@ async def served(service: Service, short_tmp: Path) -> AsyncIterator[Served]:
         yield Served(service, path, logs, scope)
 
 
-class TestClientsThatVanish:
-    """A client that goes away, however rudely, ends its connection quietly: no crash logged."""
+class TestHowConnectionsEnd:
+    """Each way a control connection ends is logged with its outcome. A client that goes away,
+    however rudely, is never a crash: only a bug is."""
 
     async def test_a_watcher_that_closes_without_reading(self, served: Served) -> None:
         """A watcher that leaves with the first reply unread (a reset) ends as client_vanished."""
@@ -390,6 +391,54 @@ class TestClientsThatVanish:
             ["stopped"],
             [],
         )
+
+    async def test_ordinary_ends_have_their_own_outcomes(self, served: Served) -> None:
+        """A client that closes between requests, a watcher that closes, and one refused for a
+        line over the limit each end with the outcome that says so, and no crash."""
+        with trio.fail_after(5):
+            plain = await served.connect()
+            await plain.call({**V1, "cmd": "list"})
+            await plain.stream.aclose()
+            await served.wait_closed(1)
+            watcher = await served.connect()
+            await watcher.call({**V1, "cmd": "watch"})
+            await watcher.stream.aclose()
+            await served.wait_closed(2)
+            oversized = await served.connect()
+            await oversized.stream.send_all(b"x" * (64 * 1024 + 10))
+            assert (await oversized.read())["error"]["code"] == "line_too_long"
+            await oversized.stream.aclose()
+            await served.wait_closed(3)
+        closed = served.events("switcher.control.connection_closed")
+        assert [(e["outcome"], e["reason"]) for e in closed] == [
+            ("closed", None),
+            ("watch_ended", None),
+            ("line_too_long", "request line exceeds 65536 bytes"),
+        ]
+        assert served.events("switcher.control.connection_crashed") == []
+
+    async def test_a_bug_is_logged_as_a_crash_and_the_server_goes_on(
+        self, served: Served, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug met while serving one client is logged with its traceback as a crash, and
+        the next client is served."""
+
+        def broken() -> ProxyStatistics:
+            raise RuntimeError("a bug behind status")
+
+        monkeypatch.setattr(served.service.control, "proxy_statistics", broken)
+        with trio.fail_after(5):
+            victim = await served.connect()
+            await victim.send({**V1, "cmd": "status"})
+            assert await victim.at_eof()
+            await victim.stream.aclose()
+            outcomes = await served.wait_closed()
+            next_client = await served.connect()
+            after = await next_client.call({**V1, "cmd": "list"})
+            await next_client.stream.aclose()
+        crashes = served.events("switcher.control.connection_crashed")
+        assert (outcomes, len(crashes), after["ok"]) == (["crashed"], 1, True)
+        assert crashes[0]["exc_info"] is True
 
     async def test_a_client_that_leaves_mid_reply(self, served: Served) -> None:
         """A client that leaves while a long reply is being written ends as client_vanished."""

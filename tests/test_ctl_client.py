@@ -145,6 +145,7 @@ def backends(now: float) -> list[dict[str, Any]]:
         {
             "id": "6aa7bfd3",
             "path": "/tmp/ssh-AbCd/agent.4242",
+            "kind": "forwarded",
             "layout": "tmp",
             "health": "healthy",
             "reason": "pinned",
@@ -161,6 +162,7 @@ def backends(now: float) -> list[dict[str, Any]]:
         {
             "id": "9f8e7d6c",
             "path": "/tmp/ssh-QqQq/agent.77",
+            "kind": "forwarded",
             "layout": "tmp",
             "health": "slow",
             "reason": "slow",
@@ -273,18 +275,19 @@ class TestRequests:
 
 class TestHumanOutput:
     async def test_list_is_an_aligned_table_marking_the_choice(self, control: FakeControl) -> None:
-        """`list` prints one aligned row per backend, * on the choice, - for unknowns, the pin."""
+        """`list` prints one aligned row per agent, * on the choice, - for unknowns, the pin; an
+        agent without a kind (from a daemon older than local agents) is forwarded."""
         canned(control)
         assert await ctl(control.path, "list") == (
             0,
             (
-                "  ID        HEALTH   KEYS  LATENCY  AGE  SERVED/FAILED  PATH"
+                "  ID        KIND       HEALTH   KEYS  LATENCY  AGE  SERVED/FAILED  PATH"
                 "                            REASON\n"
-                "* 6aa7bfd3  healthy     2    0.7ms   3m  14/0           /tmp/ssh-AbCd/agent.4242"
-                "        pinned\n"
-                "  9f8e7d6c  slow       11   2150ms   3h  120/1          /tmp/ssh-QqQq/agent.77"
-                "          slow\n"
-                "  0c1d2e3f  unknown     -        -   2d  0/3            "
+                "* 6aa7bfd3  forwarded  healthy     2    0.7ms   3m  14/0           "
+                "/tmp/ssh-AbCd/agent.4242        pinned\n"
+                "  9f8e7d6c  forwarded  slow       11   2150ms   3h  120/1          "
+                "/tmp/ssh-QqQq/agent.77          slow\n"
+                "  0c1d2e3f  forwarded  unknown     -        -   2d  0/3            "
                 "/home/me/.ssh/agent/s.x.sshd.y  unknown: not probed yet\n"
                 "pinned: 6aa7bfd3\n"
             ),
@@ -295,7 +298,21 @@ class TestHumanOutput:
         """An empty registry is one plain sentence, not an empty table."""
         empty: dict[str, Any] = {"ok": True, "choice": None, "pinned": None, "backends": []}
         control.replies["list"] = line(empty)
-        assert await ctl(control.path, "list") == (0, "no forwarded agents found\n", "")
+        assert await ctl(control.path, "list") == (0, "no agents found\n", "")
+
+    async def test_list_shows_a_local_agent_as_local(self, control: FakeControl) -> None:
+        """An agent named with --local-agent says so in the KIND column."""
+        local = {
+            **backends(time.time())[0],
+            "kind": "local",
+            "path": "/run/user/1000/ssh-agent.socket",
+            "reason": "healthy, local: used while no forwarded agent is healthy or slow",
+        }
+        control.replies["list"] = line(
+            {"ok": True, "choice": local["id"], "pinned": None, "backends": [local]}
+        )
+        status, stdout, _ = await ctl(control.path, "list")
+        assert (status, stdout.splitlines()[1].split()[:3]) == (0, ["*", "6aa7bfd3", "local"])
 
     async def test_list_says_when_nothing_is_usable(self, control: FakeControl) -> None:
         """With backends but no choice, no row is marked and a last line says none is usable."""

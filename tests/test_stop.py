@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from procs import (
     wait_ready,
 )
 from switcher import _defaults
+from switcher.cli import _stop
 from switcher.core import MessageType
 
 # Every wait in these tests gives up after this long.
@@ -210,3 +214,49 @@ class TestStopFails:
         with trio.fail_after(HANG_GUARD_S):
             result = await switcher("stop", "--control-path", str(path))
         assert result == (1, "", 'switcher: unknown command "stop"\n')
+
+    async def test_a_reply_without_a_pid_exits_1(
+        self, short_tmp: Path, nursery: trio.Nursery
+    ) -> None:
+        """A reply that does not say which process to wait for is an error, not a traceback."""
+        path = short_tmp / "c.sock"
+        await fake_daemon(path, {"ok": True, "stopping": True}, nursery)
+        with trio.fail_after(HANG_GUARD_S):
+            result = await switcher("stop", "--control-path", str(path))
+        assert result == (
+            1,
+            "",
+            "switcher: the daemon's reply to stop does not have the expected shape\n",
+        )
+
+
+def no_pidfds(_pid: int) -> int:
+    raise OSError(errno.ENOSYS, "Function not implemented")
+
+
+class TestWaitingForTheExit:
+    """Without pidfds (old kernels), stop watches /proc instead."""
+
+    def test_a_reaped_process_has_exited(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A process that is gone from /proc has exited."""
+        monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+        child = subprocess.Popen(["true"])
+        child.wait()
+        assert _stop._wait_exited(child.pid, time.monotonic()) is True
+
+    def test_a_zombie_has_exited(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A process that has exited but is not yet reaped by its parent has exited too."""
+        monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+        child = subprocess.Popen(["true"])
+        try:
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, still a zombie
+            assert _stop._wait_exited(child.pid, time.monotonic()) is True
+        finally:
+            child.wait()
+
+    def test_a_live_process_past_the_deadline_has_not(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process still running when the deadline has passed: not exited."""
+        monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+        assert _stop._wait_exited(os.getpid(), time.monotonic()) is False

@@ -36,7 +36,7 @@ exit status:
 
 _STOP_EPILOG = """\
 The daemon stops as it does on SIGTERM: it stops accepting, gives open
-connections 2 s to finish, removes its sockets and exits. This command
+connections {config.grace} s to finish, removes its sockets and exits. This command
 returns once it has exited.
 
 Which daemon: as for `switcher ctl` (--control-path, or --socket-path, or

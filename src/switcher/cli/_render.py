@@ -17,9 +17,19 @@ if TYPE_CHECKING:
 
     from switcher.cli._control_client import Reply
 
-_LIST_HEADER = ("ID", "HEALTH", "KEYS", "LATENCY", "AGE", "SERVED/FAILED", "PATH", "REASON")
+_LIST_HEADER = (
+    "ID",
+    "KIND",
+    "HEALTH",
+    "KEYS",
+    "LATENCY",
+    "AGE",
+    "SERVED/FAILED",
+    "PATH",
+    "REASON",
+)
 # Numbers read best right-aligned: KEYS, LATENCY, AGE.
-_LIST_RIGHT_ALIGNED = frozenset({2, 3, 4})
+_LIST_RIGHT_ALIGNED = frozenset({3, 4, 5})
 
 
 def render_list(reply: Reply, now: float) -> str:
@@ -28,11 +38,13 @@ def render_list(reply: Reply, now: float) -> str:
     choice = reply.get("choice")
     pinned = reply.get("pinned")
     if not backends:
-        return "no forwarded agents found"
+        return "no agents found"
     rows = [_LIST_HEADER]
     rows.extend(
         (
             str(backend["id"]),
+            # Daemons from before local agents send no kind: all theirs are forwarded.
+            str(backend.get("kind", "forwarded")),
             str(backend["health"]),
             _or_dash(backend.get("keys")),
             format_latency(backend.get("probe_latency_ms")),

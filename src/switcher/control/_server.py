@@ -143,11 +143,6 @@ class ControlService:
             return self.status()
         raise AssertionError(f"not a one-shot command: {command}")  # pragma: no cover
 
-    @property
-    def active_connections(self) -> int:
-        """Control connections being served now (those admitted, not refused as busy)."""
-        return self._active
-
     async def serve_client(self, stream: trio.SocketStream) -> None:
         """Check who connected, serve them, and log how it ended; close ``stream`` after."""
         async with stream:
