@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import trio
 
 from fakes import AgentClient
-from procs import ALLOW_ROOT, Daemon, accepts, run_cli, start_daemon, terminate
+from procs import ALLOW_ROOT, SWITCHER, Daemon, accepts, run_cli, start_daemon, terminate
 from switcher.core import MessageType, encode
 
 
@@ -165,3 +167,133 @@ class TestLogs:
         assert [
             (e["outcome"], e["answered_locally"], e["client_pid"] is not None) for e in closed
         ] == [("no_backend", 1, True)]
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes) -> bytes:
+    """Read ``stream`` until ``marker`` has come (or the stream ends); all that was read."""
+    data = b""
+    while marker not in data:
+        try:
+            chunk = await stream.receive_some(4096)
+        except (trio.BrokenResourceError, OSError):  # a pty's EIO once the writer has gone
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def run_with_stderr_on(
+    short_tmp: Path, stderr: int, stream: trio.abc.ReceiveStream, *flags: str
+) -> tuple[bytes, int]:
+    """Run the daemon (no --log-file) with stderr on ``stderr``; stop it once it has said it
+    stopped; what it wrote (read from ``stream``) and its status."""
+    process = await trio.lowlevel.open_process(
+        [
+            *SWITCHER,
+            "daemon",
+            *ALLOW_ROOT,
+            *("--socket-path", str(short_tmp / "s.sock")),
+            *("--control-path", str(short_tmp / "c.sock")),
+            *("--agents-dirs", str(short_tmp)),
+            *flags,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    try:
+        output = await read_until(stream, b"switcher.daemon.started")
+        process.send_signal(signal.SIGTERM)
+        output += await read_until(stream, b"switcher.daemon.stopped")
+        return output, await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+class TestOutputForPeople:
+    async def test_a_terminal_gets_console_lines_and_a_start_up_line(self, short_tmp: Path) -> None:
+        """With stderr a terminal and no --log-file, events are rendered for people (no JSON)
+        and one line says where the daemon serves and how many agents it found."""
+        controller, terminal = os.openpty()
+        try:
+            with trio.fail_after(20):
+                reader = trio.lowlevel.FdStream(os.dup(controller))
+                async with reader:
+                    output, status = await run_with_stderr_on(short_tmp, terminal, reader)
+        finally:
+            os.close(controller)
+            os.close(terminal)
+        lines = output.decode().splitlines()
+        started = (
+            f"switcher: serving {short_tmp / 's.sock'} (control: {short_tmp / 'c.sock'}); "
+            f"0 agents found in {short_tmp}; "
+            f'use it with: export SSH_AUTH_SOCK="{short_tmp / "s.sock"}"'
+        )
+        assert (status, started in lines, [ln for ln in lines if ln.startswith("{")]) == (
+            0,
+            True,
+            [],
+        )
+        assert any("switcher.daemon.stopped" in ln for ln in lines)
+
+    async def test_log_format_json_wins_on_a_terminal(self, short_tmp: Path) -> None:
+        """--log-format json gives JSON lines even on a terminal, and no start-up line."""
+        controller, terminal = os.openpty()
+        try:
+            with trio.fail_after(20):
+                reader = trio.lowlevel.FdStream(os.dup(controller))
+                async with reader:
+                    output, status = await run_with_stderr_on(
+                        short_tmp, terminal, reader, "--log-format", "json"
+                    )
+        finally:
+            os.close(controller)
+            os.close(terminal)
+        events = [json.loads(line)["event"] for line in output.decode().splitlines()]
+        assert (status, events[0], events[-1]) == (
+            0,
+            "switcher.daemon.started",
+            "switcher.daemon.stopped",
+        )
+
+    async def test_a_pipe_gets_json_lines(self, short_tmp: Path) -> None:
+        """stderr on a pipe (a service manager, a redirect) gets JSON lines, as a file does."""
+        read_fd, write_fd = os.pipe()
+        try:
+            with trio.fail_after(20):
+                reader = trio.lowlevel.FdStream(read_fd)
+                async with reader:
+                    output, status = await run_with_stderr_on(short_tmp, write_fd, reader)
+        finally:
+            os.close(write_fd)
+        events = [json.loads(line)["event"] for line in output.decode().splitlines()]
+        assert (status, events[0], events[-1]) == (
+            0,
+            "switcher.daemon.started",
+            "switcher.daemon.stopped",
+        )
+
+    @pytest.mark.parametrize(
+        ("args", "usage"),
+        [
+            (["--bogus"], "usage: switcher [-h]"),
+            (["daemon", "--bogus"], "usage: switcher daemon [-h]"),
+            (["init", "--bogus"], "usage: switcher init [-h]"),
+            (["path", "--bogus"], "usage: switcher path [-h]"),
+            (["ctl", "--bogus"], "usage: switcher ctl [-h]"),
+            (["ctl", "list", "--bogus"], "usage: switcher ctl list [-h]"),
+        ],
+    )
+    def test_an_unknown_flag_is_named_with_its_commands_usage(
+        self, args: list[str], usage: str
+    ) -> None:
+        """An unknown flag is named, under the usage of the command it was given to."""
+        result = run_cli(*args)
+        assert (
+            result.returncode,
+            result.stderr.startswith(usage),
+            result.stderr.endswith("error: unrecognized arguments: --bogus\n"),
+        ) == (2, True, True)

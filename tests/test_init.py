@@ -158,10 +158,10 @@ class TestLogin:
 class TestOutput:
     def test_runs_python_m_switcher_by_absolute_path(self) -> None:
         """Run as `python -m switcher`, the code starts this interpreter by absolute path."""
-        result = run_cli("init", "bash")
+        result = run_cli("init", *ALLOW_ROOT, "bash")
         assert start_command(result.stdout) == [
             os.path.abspath(sys.executable),
-            *("-m", "switcher", "daemon", "--daemon"),
+            *("-m", "switcher", "daemon", "--daemon", *ALLOW_ROOT),
         ]
 
     def test_runs_the_switcher_script_by_absolute_path(
@@ -173,14 +173,14 @@ class TestOutput:
         if not script.is_file():
             pytest.skip(f"no console script at {script}")
         result = subprocess.run(
-            ["./switcher", "init", "zsh"],
+            ["./switcher", "init", *ALLOW_ROOT, "zsh"],
             cwd=script.parent,
             capture_output=True,
             text=True,
             timeout=60,
             check=True,
         )
-        assert start_command(result.stdout) == [str(script), "daemon", "--daemon"]
+        assert start_command(result.stdout) == [str(script), "daemon", "--daemon", *ALLOW_ROOT]
 
     def test_passes_the_daemon_flags_given_on(self, short_tmp: Path) -> None:
         """Daemon flags given to init are passed on, relative paths made absolute, and no
@@ -206,8 +206,29 @@ class TestOutput:
 
     def test_defaults_to_the_stable_socket(self) -> None:
         """Without flags, the code exports /tmp/switcher-$UID/agent.sock."""
-        result = run_cli("init", "zsh")
+        result = run_cli("init", *ALLOW_ROOT, "zsh")
         assert f"export SSH_AUTH_SOCK=/tmp/switcher-{os.getuid()}/agent.sock\n" in result.stdout
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+    @pytest.mark.parametrize(
+        ("shell", "line"),
+        [
+            ("bash", 'eval "$(switcher init --allow-root bash)"'),
+            ("fish", "switcher init --allow-root fish | source"),
+        ],
+    )
+    def test_as_root_says_the_line_that_works(self, shell: str, line: str) -> None:
+        """As root without --allow-root, init prints no code and names the login line that
+        works for root (the daemon would refuse anyway)."""
+        result = run_cli("init", shell)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            1,
+            "",
+            (
+                "switcher: refusing to start a daemon as root: switcher relays the agents of the "
+                f"user it runs as; for root's own agents: {line}\n"
+            ),
+        )
 
     def test_an_unknown_shell_exits_2(self) -> None:
         """Only bash, zsh and fish are known; anything else is a usage error."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import PID_NAME, SWITCHER, Reaper, daemon_flags
+from procs import ALLOW_ROOT, PID_NAME, SWITCHER, Reaper, daemon_flags
 
 # Never loaded by a light command: the event loop, logging, attrs, the daemon's
 # packages, and modules whose import alone costs milliseconds (typing, hashlib).
@@ -88,7 +88,7 @@ class TestImportBudget:
 
     def test_init(self) -> None:
         """`switcher init` loads nothing heavy (it runs at every login)."""
-        assert loaded_by("init", "bash") == [0, []]
+        assert loaded_by("init", *ALLOW_ROOT, "bash") == [0, []]
 
     def test_daemon_already_running(self, running: Path) -> None:
         """`switcher daemon --daemon` answers "already running" without loading anything heavy."""

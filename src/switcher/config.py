@@ -35,6 +35,9 @@ class Config:
     # while no forwarded agent is healthy or slow.
     local_agents: tuple[str, ...] = ()
     log_level: str = "info"
+    # json, console, or auto: console when stderr is a terminal and there is
+    # no log file (a person is watching), JSON lines otherwise.
+    log_format: str = "auto"
     log_file: Path | None = None
     # Seconds open connections get to finish after SIGTERM before being cut:
     # enough for an in-flight signature, short enough for a service manager.

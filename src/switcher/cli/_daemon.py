@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 from switcher import _systemd, paths, pidfile
 from switcher._signals import HeldSignals
@@ -95,7 +96,7 @@ def _serve(
     except UnsafePathError as exc:
         return _refuse(report, sockets, str(exc))
     try:
-        log_sink = configure_logging(config.log_level, config.log_file)
+        log_sink = configure_logging(config.log_level, config.log_file, config.log_format)
     except OSError as exc:
         return _refuse(report, sockets, f"cannot open log file {config.log_file}: {exc.strerror}")
     try:
@@ -125,7 +126,7 @@ def _config(args: argparse.Namespace, sockets: Sockets) -> Config:
         log_file=log_file,
         notify_socket=os.environ.pop("NOTIFY_SOCKET", None) or None,
         # The flags given; Config has the defaults of the others.
-        **given(args, "agents_dirs", "probe_interval", "probe_timeout", "log_level"),  # type: ignore[arg-type]
+        **given(args, "agents_dirs", "probe_interval", "probe_timeout", "log_level", "log_format"),  # type: ignore[arg-type]
         **_local_agents(args),
     )
 
@@ -142,6 +143,16 @@ def _refuse(report: StartReport, sockets: Sockets, message: str) -> int:
     return EXIT_REFUSED
 
 
+def _started_line(config: Config, agents: int) -> str:
+    """What a person starting the daemon in a terminal reads once it serves."""
+    found = "1 agent" if agents == 1 else f"{agents} agents"
+    return (
+        f"switcher: serving {config.socket_path} (control: {config.control_path}); "
+        f"{found} found in {', '.join(config.agents_dirs)}; "
+        f'use it with: export SSH_AUTH_SOCK="{config.socket_path}"'
+    )
+
+
 def _run_trio(
     config: Config,
     sockets: Sockets,
@@ -153,6 +164,7 @@ def _run_trio(
     import structlog
     import trio
 
+    from switcher.cli._logging import for_people
     from switcher.daemon import run_daemon
     from switcher.hardening import disable_ptrace, raise_open_files_limit
 
@@ -161,7 +173,7 @@ def _run_trio(
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
+            daemon = await nursery.start(
                 functools.partial(
                     run_daemon,
                     config,
@@ -171,6 +183,10 @@ def _run_trio(
                 )
             )
             report.ready()
+            if for_people(config.log_format, config.log_file):
+                print(
+                    _started_line(config, len(daemon.registry.snapshot().backends)), file=sys.stderr
+                )
 
     # SIGINT is held (see HeldSignals), so trio installs no KeyboardInterrupt
     # handler of its own: every Ctrl-C is a graceful stop, however early.

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from switcher import paths
-from switcher.cli._exit import EXIT_OK
+from switcher.cli._exit import EXIT_OK, EXIT_REFUSED, fail
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,6 +42,14 @@ end
 
 
 def run(args: argparse.Namespace) -> int:
+    if os.geteuid() == 0 and not getattr(args, "allow_root", False):
+        # The daemon would refuse with a hint about its own flags; the person
+        # at this login script needs the init command that works instead.
+        fail(
+            "refusing to start a daemon as root: switcher relays the agents of the user "
+            f"it runs as; for root's own agents: {login_line(args.shell, '--allow-root')}"
+        )
+        return EXIT_REFUSED
     socket_path = getattr(args, "socket_path", None) or paths.default_socket_path()
     print(
         snippet(
@@ -52,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
         end="",
     )
     return EXIT_OK
+
+
+def login_line(shell: str, *flags: str) -> str:
+    """The line for ``shell``'s login script that evaluates ``switcher init FLAGS SHELL``."""
+    init = " ".join(["switcher", "init", *flags, shell])
+    return f"{init} | source" if shell == "fish" else f'eval "$({init})"'
 
 
 def snippet(shell: str, start: list[str], socket_path: Path) -> str:

@@ -1,4 +1,9 @@
-"""structlog set-up: JSON lines, configured once, at start-up."""
+"""structlog set-up, configured once, at start-up: JSON lines, or lines for people.
+
+Files and pipes get JSON lines (what ``--log-file`` and journald want).
+A terminal gets structlog's console rendering, unless ``--log-format``
+says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -80,14 +85,39 @@ def render_line(event: dict[str, object], *, default: Callable[[object], object]
         return (json.dumps(event, default=default) + "\n").encode("utf-8", "backslashreplace")
 
 
-def configure_logging(level: str, log_file: Path | None) -> LogSink:
-    """Send JSON lines at ``level`` and above to ``log_file`` (appending) or stderr."""
+def for_people(log_format: str, log_file: Path | None) -> bool:
+    """Whether lines go to a person: ``console``, or ``auto`` with stderr a terminal."""
+    if log_format == "auto":
+        return log_file is None and os.isatty(2)
+    return log_format == "console"
+
+
+def _console_line(_logger: object, _name: str, rendered: object) -> bytes:
+    """Hand the console renderer's text to the sink as one line of bytes."""
+    return (f"{rendered}\n").encode("utf-8", "backslashreplace")
+
+
+def configure_logging(level: str, log_file: Path | None, log_format: str = "auto") -> LogSink:
+    """Send events at ``level`` and above to ``log_file`` (appending) or stderr.
+
+    JSON lines, byte for byte as ever, unless ``for_people`` says a person
+    reads them: then structlog's console renderer.
+    """
     sink = LogSink(log_file)
-    structlog.configure(
-        processors=[
-            # Context a task bound for itself (a proxy connection: the client's pid and uid).
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
+    renderers: list[structlog.typing.Processor]
+    if for_people(log_format, log_file):
+        renderers = [
+            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+            # Plain tracebacks: a fancier formatter would print local
+            # variables, and a relay frame's locals may be a passphrase.
+            structlog.dev.ConsoleRenderer(
+                colors="NO_COLOR" not in os.environ,
+                exception_formatter=structlog.dev.plain_traceback,
+            ),
+            _console_line,
+        ]
+    else:
+        renderers = [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Tracebacks without local variables: a relay frame's locals are
             # request bytes, and those may be a passphrase.
@@ -95,6 +125,13 @@ def configure_logging(level: str, log_file: Path | None) -> LogSink:
                 structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
             ),
             structlog.processors.JSONRenderer(serializer=render_line),
+        ]
+    structlog.configure(
+        processors=[
+            # Context a task bound for itself (a proxy connection: the client's pid and uid).
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=lambda *_args: sink,

@@ -14,7 +14,7 @@ from switcher.cli._exit import EXIT_OK
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Any
+    from typing import Any, NoReturn
 
 _DAEMON_EPILOG = """\
 With --daemon it returns once the daemon listens, and at once (status 0,
@@ -47,6 +47,9 @@ Add one line to your login script:
   bash  ~/.bash_profile               eval "$(switcher init bash)"
   zsh   ~/.zprofile                   eval "$(switcher init zsh)"
   fish  ~/.config/fish/config.fish    switcher init fish | source
+As root, add --allow-root before the shell:
+  eval "$(switcher init --allow-root bash)"
+(a root daemon relays root's own agents, so that is never implied).
 
 The code starts `switcher daemon --daemon` (which returns at once when it is
 already running) and sets SSH_AUTH_SOCK only if a socket of yours is there;
@@ -137,14 +140,57 @@ def _config_defaults(text: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser (and, through add_subparsers, its subparsers) using _HelpFormatter."""
+    """An ArgumentParser (and, through add_subparsers, its subparsers) using _HelpFormatter,
+    whose errors name an unknown flag and show the usage of the command it was given to.
+
+    argparse leaves a subcommand's unknown flags to the top-level parser (top-level
+    usage), and reports a missing command before an unknown flag that came first.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["formatter_class"] = _HelpFormatter
         super().__init__(*args, **kwargs)
+        self._given: list[str] = []
+        self._commands: argparse.Action | None = None
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_command_line(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        """Parse ``argv``; an unknown flag is reported by the command it was given to."""
+        args, unknown = self.parse_known_args(argv)
+        if unknown:
+            self._chosen(args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return args
+
+    def _chosen(self, args: argparse.Namespace) -> _Parser:
+        """The parser of the (sub)command ``args`` were parsed for, the deepest one."""
+        if self._commands is not None:
+            chosen = getattr(args, self._commands.dest, None)
+            parsers: dict[str, _Parser] = getattr(self._commands, "choices", {})
+            if chosen in parsers:
+                return parsers[chosen]._chosen(args)  # noqa: SLF001 (a _Parser, like self)
+        return self
+
+    def error(self, message: str) -> NoReturn:
+        unknown = [
+            word
+            for word in self._given
+            if word.startswith("-") and word.split("=", 1)[0] not in self._option_string_actions
+        ]
+        if unknown and message.startswith("the following arguments are required"):
+            message = f"unrecognized arguments: {' '.join(unknown)}"
+        super().error(message)
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _Parser:
     parser = _Parser(
         prog="switcher",
         description="A stable SSH agent socket that follows your live forwarded sessions.",
@@ -248,6 +294,14 @@ def _add_daemon_options(
             "(default: {config.log_level})",
         ),
         parser.add_argument(
+            "--log-format",
+            choices=("json", "console", "auto"),
+            default=from_config("log_format"),
+            metavar="FORMAT",
+            help="json (one JSON object per line), console (for people), or auto: console "
+            "when stderr is a terminal and there is no --log-file (default: {config.log_format})",
+        ),
+        parser.add_argument(
             "--pid-file",
             type=_path,
             default=default(None),
@@ -280,7 +334,7 @@ def _add_daemon_options(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = _build_parser().parse_command_line(argv)
     if args.command == "path":
         from switcher import paths
 
