@@ -9,6 +9,7 @@ so that a daemon that is safe only some of the time fails here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -196,3 +197,31 @@ class TestDaemonsOnDifferentSockets:
             [0, 0],
         )
         assert not any(os.path.lexists(d.control_path) for d in (first, second))
+
+    async def test_ctl_finds_each_from_its_socket_path(
+        self, short_tmp: Path, processes: list[trio.Process]
+    ) -> None:
+        """`switcher ctl --socket-path P status` reaches the daemon serving P, for each of two."""
+        with trio.fail_after(HANG_GUARD_S):
+            daemons = [
+                await start_and_catch_the_socket(short_tmp, control=False, name=name)
+                for name in ("a.sock", "b.sock")
+            ]
+            processes.extend(d.process for d in daemons)
+            for daemon in daemons:
+                await daemon.wait_serving()
+            replies = []
+            for daemon in daemons:
+                result = await trio.run_process(
+                    [
+                        *SWITCHER,
+                        "ctl",
+                        "--socket-path",
+                        str(daemon.socket_path),
+                        "--json",
+                        "status",
+                    ],
+                    capture_stdout=True,
+                )
+                replies.append(json.loads(result.stdout)["socket_path"])
+        assert replies == [str(d.socket_path) for d in daemons]

@@ -40,8 +40,6 @@ from _system import (
     wait_until,
 )
 
-from switcher._defaults import path_tag
-
 if TYPE_CHECKING:
     import subprocess
     from collections.abc import Callable, Iterator
@@ -103,17 +101,12 @@ async def wait_for_keys(account: UserAccount, socket: Path, expected: list[str])
     pytest.fail(f"ssh-add -L never listed {expected}; the last answers were {answers[-5:]}")
 
 
-def control_socket(world: World) -> Path:
-    """The control socket of the daemon `running_daemon` starts: without --control-path it
-    follows the agent socket, into the user's runtime directory."""
-    agent_socket = world.workdir / "agent.sock"
-    return Path(f"/tmp/switcher-{world.user.uid}/control-{path_tag(str(agent_socket))}.sock")
-
-
 async def ctl(world: World, *args: str) -> dict[str, Any]:
     """Run `switcher ctl ARGS --json` as the test user and return the daemon's reply."""
-    control = ["--control-path", str(control_socket(world))]
-    argv = [str(world.switcher.executable), "ctl", *control, *args, "--json"]
+    # The daemon `running_daemon` starts has no --control-path: ctl finds its control
+    # socket from the agent socket, as a user would.
+    daemon = ["--socket-path", str(world.workdir / "agent.sock")]
+    argv = [str(world.switcher.executable), "ctl", *daemon, *args, "--json"]
     result = await run_bounded(world.user, argv)
     assert result.returncode == 0, describe(result)
     reply: dict[str, Any] = json.loads(result.stdout)
