@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import select
@@ -19,7 +20,7 @@ import trio
 from switcher.served import socket_answers
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
 SWITCHER = [sys.executable, "-m", "switcher"]
 
@@ -119,6 +120,50 @@ async def start_daemon(
     )
     await wait_ready(process, notify)
     return Daemon(process, socket_path, control_path, log_path, notify)
+
+
+# -- waiting for a daemon's log, without polling ------------------------------
+
+# inotify(7): the kernel says when a file changes, so a test waits for the
+# daemon's next log line instead of re-reading the log on a timer.
+_IN_MODIFY = 0x002
+_IN_CREATE = 0x100
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def _watch(path: Path) -> Iterator[int]:
+    """An inotify descriptor that becomes readable when ``path`` (a file, or a directory's
+    entries) is written to or gains an entry."""
+    fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY | _IN_CREATE) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def wait_logged(log: Path, condition: Callable[[list[dict[str, object]]], bool]) -> None:
+    """Wait until the JSON log at ``log`` satisfies ``condition`` (given all its events).
+
+    The watch is set before each look, so a line written in between still wakes us.
+    Unbounded: callers put a deadline around it.
+    """
+    while True:
+        with _watch(log if log.exists() else log.parent) as changes:
+            if condition(log_events(log)):
+                return
+            await trio.lowlevel.wait_readable(changes)
+
+
+def logged(event: str, count: int = 1) -> Callable[[list[dict[str, object]]], bool]:
+    """A ``wait_logged`` condition: ``event`` has been logged at least ``count`` times."""
+    return lambda events: [e["event"] for e in events].count(event) >= count
 
 
 # -- looking at a running daemon from outside (fault and soak tests) ----------

@@ -14,7 +14,17 @@ import pytest
 import trio
 
 from fakes import AgentClient
-from procs import ALLOW_ROOT, SWITCHER, Daemon, accepts, run_cli, start_daemon, terminate
+from procs import (
+    ALLOW_ROOT,
+    SWITCHER,
+    Daemon,
+    accepts,
+    logged,
+    run_cli,
+    start_daemon,
+    terminate,
+    wait_logged,
+)
 from switcher.core import MessageType, encode
 
 
@@ -56,8 +66,7 @@ class TestSignals:
         """After SIGHUP the daemon still answers, and logs that it got the signal."""
         with trio.fail_after(20):
             daemon.process.send_signal(signal.SIGHUP)
-            while "switcher.daemon.sighup" not in [e["event"] for e in daemon.log_events()]:
-                await trio.sleep(0.02)
+            await wait_logged(daemon.log_path, logged("switcher.daemon.sighup"))
             client = AgentClient(await trio.open_unix_socket(str(daemon.socket_path)))
             async with client.stream:
                 reply = await client.request(MessageType.REQUEST_IDENTITIES)
@@ -71,6 +80,8 @@ class TestSignals:
             client = AgentClient(await trio.open_unix_socket(str(daemon.socket_path)))
             async with client.stream:
                 daemon.process.send_signal(signal.SIGTERM)
+                # Polling, not wait_logged: the listener closes a moment after the log
+                # line, and the slower look is what lets this assert it closed first.
                 while "switcher.daemon.stopping" not in [e["event"] for e in daemon.log_events()]:
                     await trio.sleep(0.02)
                 assert not accepts(daemon.socket_path)  # it stopped accepting first

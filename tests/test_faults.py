@@ -35,6 +35,7 @@ from procs import (
     settled_open_fds,
     start_daemon,
     terminate,
+    wait_logged,
     wait_open_fds_at_most,
 )
 from switcher.core import MessageType, encode
@@ -210,9 +211,7 @@ def outcomes(daemon: Daemon) -> list[object]:
 
 async def wait_for_outcome(daemon: Daemon, outcome: str) -> None:
     """Wait until the daemon has logged a connection that ended with ``outcome``."""
-    # Polling: the daemon's log file is all that tells us.
-    while outcome not in outcomes(daemon):
-        await trio.sleep(0.05)
+    await wait_logged(daemon.log_path, lambda _events: outcome in outcomes(daemon))
 
 
 @attrs.define(eq=False)

@@ -26,8 +26,10 @@ from procs import (
     daemon_flags,
     has_exited,
     log_events,
+    logged,
     notify_socket,
     wait_exited,
+    wait_logged,
     wait_ready,
 )
 from switcher import paths, pathsafety, pidfile
@@ -65,8 +67,7 @@ def events(path: Path) -> list[object]:
 
 
 async def wait_for_event(path: Path, event: str) -> None:
-    while event not in events(path):
-        await trio.sleep(0.02)
+    await wait_logged(path, logged(event))
 
 
 async def stop(pid: int, pidfd: int) -> None:
@@ -298,8 +299,8 @@ class TestSocketsComeBack:
                         for entry in run.iterdir():
                             entry.unlink()
                         run.rmdir()
-                    while not (accepts(run / SOCKET_NAME) and accepts(run / CONTROL_NAME)):
-                        await trio.sleep(0.02)
+                    await wait_logged(log_copy, logged("switcher.daemon.socket_recreated", 2))
+                    assert (accepts(run / SOCKET_NAME), accepts(run / CONTROL_NAME)) == (True, True)
                     assert await old.request(MessageType.REQUEST_IDENTITIES) == expected
                     new = AgentClient(await trio.open_unix_socket(str(run / SOCKET_NAME)))
                     async with new.stream:
