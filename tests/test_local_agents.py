@@ -15,7 +15,8 @@ import trio
 from fakeproc import FakeProc, backend, snapshot
 from switcher.cli._init import _forwarded
 from switcher.cli._main import _build_parser
-from switcher.control._commands import backend_json, rank_reason
+from switcher.cli._render import render_list
+from switcher.control._commands import backend_json, list_reply, rank_reason
 from switcher.core import Candidate, Health, Kind, Layout, Prober, ProbeResult, Registry
 from switcher.core._affinity import Affinity, ChosenBy, match_session
 from switcher.core._discovery import ScanResult, ScanSettings, scan
@@ -150,9 +151,8 @@ def forwarded(name: str, ctime: float = 100.0) -> Candidate:
 
 def local(name: str, order: int = 0, *, ino: int = 7, refused: str | None = None) -> Candidate:
     """A local agent's candidate; ``ino=0`` means its socket is missing."""
-    return Candidate(
-        f"/run/user/1000/{name}", Layout.LOCAL, 0 if ino == 0 else 1, ino, 50.0, order, refused
-    )
+    dev, ctime = (0, 0.0) if ino == 0 else (1, 50.0)
+    return Candidate(f"/run/user/1000/{name}", Layout.LOCAL, dev, ino, ctime, order, refused)
 
 
 def lid(c: Candidate) -> str:
@@ -438,9 +438,7 @@ class TestControl:
             "local",
         )
         assert rank_reason(first, snap) == "healthy, newest"
-        assert rank_reason(second, snap) == (
-            "healthy, local: used while no forwarded agent is healthy or slow"
-        )
+        assert rank_reason(second, snap) == "healthy, local: last resort"
 
 
 class TestCommandLine:
@@ -501,4 +499,26 @@ class TestCommandLine:
         assert _forwarded(args) == [
             *("--local-agent", "/run/user/1000/a"),
             *("--local-agent", "/b"),
+        ]
+
+
+class TestCtlList:
+    def test_kind_column_and_a_missing_socket_has_no_age(self) -> None:
+        """`ctl list` shows each agent's kind; a local agent whose socket is missing has no age."""
+        registry = Registry()
+        ok, mine = forwarded("ok", 900.0), local("l.sock", ino=0)
+        registry.reconcile([ok, mine])
+        probe(registry, fid(ok), Health.HEALTHY)
+        reply = list_reply(registry.snapshot())
+        header, first, second = render_list(reply, now=1000.0).splitlines()
+        assert header.split() == [
+            *("ID", "KIND", "HEALTH", "KEYS", "LATENCY", "AGE", "SERVED/FAILED", "PATH", "REASON")
+        ]
+        assert first.split() == [
+            *("*", fid(ok), "forwarded", "healthy", "-", "-", "1m", "0/0", ok.path),
+            *("healthy,", "newest"),
+        ]
+        assert second.split() == [
+            *(lid(mine), "local", "dead", "-", "-", "-", "0/0", mine.path),
+            *("dead:", "no", "socket", "at", "this", "path"),
         ]

@@ -48,7 +48,8 @@ def render_list(reply: Reply, now: float) -> str:
             str(backend["health"]),
             _or_dash(backend.get("keys")),
             format_latency(backend.get("probe_latency_ms")),
-            format_age(now - float(backend["appeared"])),
+            # A local agent whose socket is missing has no age.
+            format_age(now - float(backend["appeared"])) if backend["appeared"] else "-",
             f"{backend['served']}/{backend['failed']}",
             str(backend["path"]),
             str(backend["reason"]),

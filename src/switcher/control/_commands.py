@@ -26,7 +26,7 @@ def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
     if pinned:
         return "pinned"
     if backend.kind is Kind.LOCAL:
-        return f"{backend.health.value}, local: used while no forwarded agent is healthy or slow"
+        return f"{backend.health.value}, local: last resort"
     if backend.health is Health.SLOW:
         return f"slow: {backend.last_error or 'no answer in time'}"
     same_health = [
