@@ -39,12 +39,16 @@ HEAVY = (
 # Runs one command in-process and reports its status and which heavy modules it loaded.
 PROBE = textwrap.dedent(
     """
-    import contextlib, io, json, sys
+    import sys
+    # What the interpreter (and coverage, under CI) loaded before switcher is not its cost.
+    before = set(sys.modules)
+    import contextlib, io, json
     from switcher.cli import main
     with contextlib.redirect_stdout(io.StringIO()):
         status = main(sys.argv[1:])
     heavy = tuple(json.loads(sys.stdin.read()))
-    loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))
+    new = set(sys.modules) - before
+    loaded = sorted(m for m in new if any(m == h or m.startswith(h + ".") for h in heavy))
     print(json.dumps([status, loaded]))
     """
 )
