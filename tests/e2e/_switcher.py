@@ -201,9 +201,10 @@ def daemon_argv(
     *,
     socket: Path | None,
     agents_dirs: Sequence[Path] | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """The `switcher daemon` command line, with debug logs."""
-    argv = [str(install.executable), "daemon", "--log-level", "debug"]
+    """The `switcher daemon` command line, with debug logs (and ``extra`` flags)."""
+    argv = [str(install.executable), "daemon", "--log-level", "debug", *extra]
     if socket is not None:
         argv += ["--socket-path", str(socket)]
     if agents_dirs is not None:
@@ -218,13 +219,14 @@ async def running_daemon(
     workdir: Path,
     *,
     agents_dirs: Sequence[Path] | None = None,
+    extra: Sequence[str] = (),
 ) -> AsyncIterator[Daemon]:
     """Start `switcher daemon` as the test user, wait until it listens, stop it afterwards."""
     socket = workdir / "agent.sock"
     log = workdir / "daemon.log"
     with log.open("ab") as log_stream:
         process = await trio.lowlevel.open_process(
-            daemon_argv(install, socket=socket, agents_dirs=agents_dirs),
+            daemon_argv(install, socket=socket, agents_dirs=agents_dirs, extra=extra),
             stdin=subprocess.DEVNULL,
             stdout=log_stream,
             stderr=log_stream,
