@@ -498,7 +498,7 @@ class TestThroughTheDaemon:
             gone_path, gone_session = await world.start_agent(gone)
             await world.start_agent(stays)
             # No watcher and no periodic probe: only refresh can notice.
-            await world.start_daemon(watch_interval=3600.0)
+            await world.start_daemon(watch=False)
             await world.wait_until(lambda s: len(s.backends) == 2)
             ctl = await control(world)
             gone_session.cancel()

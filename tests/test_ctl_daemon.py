@@ -107,7 +107,7 @@ class TestCtlAgainstTheDaemon:
         """`ctl refresh` reports a session that just closed (before the watcher could)."""
         with trio.fail_after(30):
             gone, session = await world.start_agent(FakeAgent("gone"))
-            await world.start_daemon(watch_interval=3600.0)
+            await world.start_daemon(watch=False)
             await world.wait_until(lambda s: len(s.backends) == 1)
             session.cancel()
             await trio.testing.wait_all_tasks_blocked()

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 
 import attrs
 import pytest
 import trio
 import trio.testing
 
-from switcher.core import Candidate, Health, Layout, Prober, ProbeResult, Registry, ScanSettings
+from switcher.core import (
+    Candidate,
+    Health,
+    Layout,
+    Prober,
+    ProbeResult,
+    Registry,
+    ScanSettings,
+    Watcher,
+)
 from switcher.core._discovery import ScanResult
 
 
@@ -79,6 +89,7 @@ async def serve(
     *,
     interval: float = 3600.0,
     probe_timeout: float = 2.0,
+    watcher: Watcher | None = None,
 ) -> Prober:
     prober = Prober(
         Registry(),
@@ -88,6 +99,7 @@ async def serve(
         refuse_pid=None,
         scan_dirs=scans,
         probe_path=probes or ScriptedProbes(),
+        watcher=watcher or Watcher(None),
     )
     await nursery.start(prober.serve)
     return prober
@@ -152,3 +164,46 @@ class TestProbeTiming:
         await serve(nursery, scans, probes, interval=5.0, probe_timeout=10.0)
         await trio.sleep(30 - trio.current_time() - 0.1)
         assert probes.started == [0.0, 5.0, 10.0, 18.0, 23.0, 28.0]
+
+
+@attrs.define(eq=False)
+class WakeUps(trio.abc.Instrument):
+    """The virtual times at which the run loop woke after time had moved: timer wake-ups."""
+
+    times: list[float] = attrs.Factory(list)
+    _last: float = 0.0
+
+    def after_io_wait(self, timeout: float) -> None:  # noqa: ARG002 (the instrument's signature)
+        now = trio.current_time()
+        if now != self._last:
+            self._last = now
+            self.times.append(now)
+
+
+class TestIdle:
+    async def test_no_timer_fires_between_probe_cycles(
+        self,
+        autojump_clock: trio.testing.MockClock,  # noqa: ARG002 (pytest-trio runs the test on it)
+        nursery: trio.Nursery,
+        short_tmp: Path,
+    ) -> None:
+        """At rest (one agent that answers, nothing changing in its watched
+        directory), the only timer wake-ups are the probe cycles."""
+        agents = short_tmp / "agents"
+        agents.mkdir()
+        watcher = Watcher.open()
+        await nursery.start(watcher.run)
+        result = attrs.evolve(found(candidate("a")), watched=((str(agents), ("ssh-", "s.")),))
+        scans = ScriptedScans([(0.0, result)], last=result)
+        probes = ScriptedProbes(usual=0.0)
+        wakeups = WakeUps()
+        trio.lowlevel.add_instrument(wakeups)
+        try:
+            await serve(nursery, scans, probes, interval=5.0, watcher=watcher)
+            await trio.sleep(31 - trio.current_time())
+        finally:
+            trio.lowlevel.remove_instrument(wakeups)
+        assert (wakeups.times, probes.started) == (
+            [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 31.0],
+            [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0],
+        )

@@ -42,9 +42,10 @@ class Config:
     # Seconds open connections get to finish after SIGTERM before being cut:
     # enough for an in-flight signature, short enough for a service manager.
     grace: float = 2.0
-    # How often directory mtimes are checked for new sessions (not a flag:
-    # tests stretch it to take the watcher out of the picture).
-    watch_interval: float = 0.25
+    # Whether inotify tells the daemon about new sessions and its own
+    # sockets' removal (not a flag: tests turn it off so that only the probe
+    # cycle, misses and refreshes notice anything).
+    watch: bool = True
     # $NOTIFY_SOCKET when systemd runs us as a Type=notify service: where
     # READY=1 and STOPPING=1 go. None without systemd.
     notify_socket: str | None = None

@@ -36,9 +36,11 @@ from switcher._signals import HANDLED, RELOAD_SIGNAL, HeldSignals
 from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
+    Interest,
     Prober,
     ProxyServer,
     Registry,
+    Watcher,
     scan_settings,
     serve_agent_proxy,
     unix_connector,
@@ -146,6 +148,9 @@ async def _serve(
     task_status: trio.TaskStatus[DaemonHandle],
 ) -> None:
     registry = Registry()
+    # One inotify descriptor for the agents dirs and our own sockets; without
+    # it (or with watching turned off) both are looked at every probe cycle.
+    watcher = Watcher.open() if config.watch else Watcher(None)
     prober = Prober(
         registry,
         # Our own sockets are never backends, whatever they are named.
@@ -155,10 +160,11 @@ async def _serve(
         interval=config.probe_interval,
         probe_timeout=config.probe_timeout,
         refuse_pid=refuse_pid,
-        watch_interval=config.watch_interval,
+        watcher=watcher,
     )
     listeners = [SwappableListener(_listener(served.sock)) for served in sockets]
     async with trio.open_nursery() as root:
+        await root.start(watcher.run)
         await root.start(prober.serve)
         proxy = await root.start(
             functools.partial(
@@ -221,7 +227,7 @@ async def _serve(
                 functools.partial(
                     _keep_sockets,
                     list(zip(sockets, listeners, strict=True)),
-                    interval=config.probe_interval,
+                    watcher=watcher,
                     rebound=exclude_own_sockets,
                     stop=stop,
                 )
@@ -273,35 +279,63 @@ async def _refresh(prober: Prober) -> None:
     )
 
 
+@attrs.define(eq=False)
+class _Bell:
+    """Rung from synchronous code, awaited by one task; rings while nobody waits add up to one."""
+
+    _rung: trio.Event = attrs.Factory(trio.Event)
+
+    def ring(self) -> None:
+        self._rung.set()
+
+    async def wait(self) -> None:
+        await self._rung.wait()
+        self._rung = trio.Event()
+
+
 async def _keep_sockets(
     sockets: list[tuple[ServedSocket, SwappableListener]],
     *,
-    interval: float,
+    watcher: Watcher,
     rebound: Callable[[], None],
     stop: Callable[..., None],
 ) -> None:
-    """Every ``interval``, put back a socket of ours that has vanished from its path.
+    """Put back a socket of ours that has vanished from its path.
 
-    Each loss is logged once. If another switcher has taken the path in the
+    The watcher says when an entry named like one of our sockets leaves its
+    directory (or the directory goes); where it cannot watch, the probe
+    cycle asks instead, once per probe interval. No timer of our own. Each
+    loss is logged once. If another switcher has taken the path in the
     meantime, it serves our clients now and we stop. Activated sockets are
     systemd's to look after.
     """
+    kept = [(served, listener) for served, listener in sockets if not served.is_activated]
+    if not kept:
+        return
+    bell = _Bell()
+    watcher.follow(
+        "sockets",
+        [Interest(str(served.path.parent), (served.path.name,)) for served, _ in kept],
+        bell.ring,
+    )
     reported: dict[Path, str] = {}
     while True:
-        await trio.sleep(interval)
-        for served, listener in sockets:
-            if served.is_activated or served.in_place():
+        await bell.wait()
+        for served, listener in kept:
+            # File-system calls, like every other, in a worker thread.
+            if await trio.to_thread.run_sync(served.in_place):
                 continue
             try:
-                sock = served.rebind(LISTEN_BACKLOG)
+                sock = await trio.to_thread.run_sync(served.rebind, LISTEN_BACKLOG)
             except AlreadyRunningError as exc:
                 log.error("switcher.daemon.socket_lost", path=str(served.path), reason=str(exc))
                 stop(reason="socket_lost")
                 return
             except (UnsafePathError, OSError) as exc:
-                # Retried every interval; said again only if the reason changes.
-                # A plain OSError (out of descriptors, a removal racing ours)
-                # is as passing as an unsafe path: neither stops the daemon.
+                # Tried again at the next change or probe cycle; said again
+                # only if the reason changes. A plain OSError (out of
+                # descriptors, a removal racing ours) is as passing as an
+                # unsafe path: neither stops the daemon.
                 reason = _describe(exc)
                 if reported.get(served.path) != reason:
                     reported[served.path] = reason

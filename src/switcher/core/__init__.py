@@ -24,6 +24,7 @@ from switcher.core._registry import Backend, Health, Kind, ProbeResult, Registry
 from switcher.core._relay import ConnectionResult, Outcome, relay_connection
 from switcher.core._relaysocket import RelaySocket, RelayStream
 from switcher.core._upstream import Connector, unix_connector
+from switcher.core._watcher import Interest, Watcher
 
 __all__ = [
     "MAX_MESSAGE_LEN",
@@ -37,6 +38,7 @@ __all__ = [
     "FrameError",
     "HangupWatch",
     "Health",
+    "Interest",
     "Kind",
     "Layout",
     "MessageType",
@@ -52,6 +54,7 @@ __all__ = [
     "RelayStream",
     "ScanSettings",
     "Snapshot",
+    "Watcher",
     "accept_loop",
     "encode",
     "host_hash",

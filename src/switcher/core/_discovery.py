@@ -14,8 +14,6 @@ import hashlib
 import os
 import socket
 import stat
-import time
-from collections.abc import Iterable
 
 import attrs
 
@@ -33,13 +31,10 @@ _LEGACY_SOCKET_PREFIX = "agent."
 _AGENT_DIR_PREFIX = "s."
 _FORWARDED_TAG = "sshd"
 
-
-# The mtime we record for an agents dir that does not exist (yet).
-_MISSING = -1
-
-# Newer than this, a directory's mtime may not yet reflect every change made
-# in the same timestamp tick (Linux ticks at 1 to 10 ms).
-_UNSETTLED_NS = 20_000_000
+# Which entries matter in the directories a scan looks into: whoever
+# watches them for changes can ignore everything else (a busy /tmp).
+AGENTS_DIR_PREFIXES = (_LEGACY_DIR_PREFIX, _AGENT_DIR_PREFIX)
+SESSION_DIR_PREFIXES = (_LEGACY_SOCKET_PREFIX,)
 
 
 class Layout(enum.Enum):
@@ -96,9 +91,10 @@ class ScanResult:
     # Only entries that looked like agent sockets are listed; unrelated files
     # in a shared /tmp are not even stat'ed.
     skipped: tuple[Skipped, ...]
-    # Directories we looked into, with their mtimes: a cheap way to notice
-    # that something was added or removed without rescanning (see the prober).
-    watched: tuple[tuple[str, int], ...]
+    # Directories we looked into (or would have, had they existed), each with
+    # the prefixes of the entry names that matter there: what to watch for
+    # the next change.
+    watched: tuple[tuple[str, tuple[str, ...]], ...]
     errors: tuple[Skipped, ...]
 
 
@@ -166,7 +162,7 @@ class _Scan:
         self.settings = settings
         self.candidates: list[Candidate] = []
         self.skipped: list[Skipped] = []
-        self.watched: list[tuple[str, int]] = []
+        self.watched: list[tuple[str, tuple[str, ...]]] = []
         self.errors: list[Skipped] = []
         self.forwarded_prefix = f"{_AGENT_DIR_PREFIX}{settings.host_hash}.{_FORWARDED_TAG}."
 
@@ -195,7 +191,7 @@ class _Scan:
         if problem is not None:
             self.skip(path, problem)
             return
-        self.watched.append((path, st.st_mtime_ns))
+        self.watched.append((path, SESSION_DIR_PREFIXES))
         try:
             with os.scandir(path) as entries:
                 names = [e.name for e in entries if e.name.startswith(_LEGACY_SOCKET_PREFIX)]
@@ -206,17 +202,14 @@ class _Scan:
             self.consider_socket(os.path.join(path, name), Layout.TMP)
 
     def scan_agents_dir(self, top: str) -> None:
+        # Watched even when missing: ~/.ssh/agent does not exist until
+        # OpenSSH 10.1 makes it. The configured dir itself may be a symlink
+        # (/tmp on some hosts): scandir follows it.
+        self.watched.append((top, AGENTS_DIR_PREFIXES))
         try:
-            st = os.stat(
-                top
-            )  # the configured dir itself may be a symlink (e.g. /tmp on some hosts)
-            self.watched.append((top, st.st_mtime_ns))
             with os.scandir(top) as entries:
                 names = [e.name for e in entries]
         except FileNotFoundError:
-            # ~/.ssh/agent does not exist until OpenSSH 10.1 makes it; watch
-            # for it to appear.
-            self.watched.append((top, _MISSING))
             return
         except OSError as exc:
             self.errors.append(Skipped(top, exc.strerror or "cannot list"))
@@ -255,24 +248,3 @@ def scan(settings: ScanSettings) -> ScanResult:
         watched=tuple(state.watched),
         errors=tuple(state.errors),
     )
-
-
-def watched_changed(watched: Iterable[tuple[str, int]], now_ns: int | None = None) -> bool:
-    """Whether any directory a scan looked into has changed since (or come or gone).
-
-    File timestamps tick coarsely (a few milliseconds): an entry added in the
-    same tick as our scan leaves the mtime we recorded unchanged. So a
-    directory modified within the last tick counts as changed too; that
-    costs at most a rescan or two after each real change.
-    """
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    for path, mtime_ns in watched:
-        try:
-            current = os.stat(path).st_mtime_ns
-        except OSError:
-            if mtime_ns != _MISSING:
-                return True
-            continue
-        if current != mtime_ns or now_ns - current < _UNSETTLED_NS:
-            return True
-    return False

@@ -1,18 +1,17 @@
 """Health probing: keep the registry true to what is out there.
 
-Three loops share one nursery:
+The prober's nursery holds the scanner task (:mod:`._scanner`), which scans
+the agents dirs whenever asked, and the probe cycle, which probes every
+candidate with a real REQUEST_IDENTITIES every ``interval`` seconds (time
+spent in a cycle counts against the period; an overrun starts the next at
+once). The probe cycle is the daemon's one periodic wake-up.
 
-* the scanner task (:mod:`._scanner`) scans the agents dirs whenever asked
-  and applies what it finds; new candidates are probed at once, which is
-  how a new session gets preferred quickly;
-* the periodic cycle asks for a rescan and probes every candidate with a
-  real REQUEST_IDENTITIES every ``interval`` seconds (time spent in a cycle
-  counts against the period; an overrun starts the next at once);
-* the watcher notices, within a fraction of a second, that a directory the
-  scanner looked into has changed, and asks for a rescan.
-
-The proxy asks for a rescan too when it runs out of backends (a "miss"),
-and so do SIGHUP and ``ctl refresh``. One probe per backend is in flight at
+Rescans are asked for by the watcher (:mod:`._watcher`: inotify on the
+directories the last scan looked into, so a new session is noticed within a
+fraction of a second), by each probe cycle for directories that cannot be
+watched, by the proxy when it runs out of backends (a "miss"), and by
+SIGHUP and ``ctl refresh``. New candidates are probed at once, which is how
+a new session gets preferred quickly. One probe per backend is in flight at
 a time: a second asker waits for the first one's answer.
 """
 
@@ -26,7 +25,7 @@ import attrs
 import structlog
 import trio
 
-from switcher.core._discovery import ScanResult, ScanSettings, host_hash, watched_changed
+from switcher.core._discovery import ScanResult, ScanSettings, host_hash
 from switcher.core._peer import (
     BackendUnavailableError,
     LocalResourceError,
@@ -50,13 +49,12 @@ from switcher.core._registry import (
     Registry,
 )
 from switcher.core._scanner import ScanFunction, Scanner, scan_in_thread
+from switcher.core._watcher import Interest, Watcher
 
 log = structlog.get_logger()
 
-# How often the watcher compares directory mtimes. Four stat() calls a
-# second on a handful of directories is nothing, and it bounds how long a
-# new session waits to be noticed well under the one-second promise.
-DEFAULT_WATCH_INTERVAL = 0.25
+# The watcher's name for the prober's interests (the agents dirs).
+_OWNER = "agents"
 
 # A probe that gets no answer in this time marks its backend slow, not
 # dead: ssh-agent is single-threaded, so a confirmation prompt or a
@@ -125,11 +123,12 @@ class Prober:
     interval: float = DEFAULT_PROBE_INTERVAL
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     refuse_pid: int | None = attrs.Factory(os.getpid)
-    watch_interval: float = DEFAULT_WATCH_INTERVAL
+    # Without inotify (the default here; the daemon passes a real one) every
+    # probe cycle rescans.
+    watcher: Watcher = attrs.Factory(lambda: Watcher(None))
     scan_dirs: ScanFunction = scan_in_thread
     probe_path: ProbeFunction = probe
     scanner: Scanner = attrs.field(init=False)
-    _watched: tuple[tuple[str, int], ...] = attrs.field(init=False, default=())
     _probing: dict[str, _Probe] = attrs.field(init=False, factory=dict)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
 
@@ -141,11 +140,15 @@ class Prober:
     # -- scanning (the scanner task does it; these ask) ----------------------
 
     def _scanned(self, result: ScanResult, reconciled: Reconciled) -> None:
-        self._watched = result.watched
+        interests = [Interest(path, prefixes) for path, prefixes in result.watched]
+        self.watcher.follow(_OWNER, interests, self._ask_for_scan)
         # New candidates are probed at once: that is how a new session gets
         # preferred quickly. Nobody waits here: a slow one takes seconds.
         if reconciled.added and self._nursery is not None:
             self._nursery.start_soon(self._probe_all, reconciled.added)
+
+    def _ask_for_scan(self) -> None:
+        self.scanner.request()
 
     async def rescan(self) -> RefreshReport:
         """Scan the dirs now, update the registry, and probe (and wait for) what is new."""
@@ -224,18 +227,16 @@ class Prober:
         while True:
             await trio.sleep_until(deadline)
             deadline = trio.current_time() + self.interval
-            await self.refresh()
-
-    async def _watch(self) -> None:
-        while True:
-            await trio.sleep(self.watch_interval)
-            if await trio.to_thread.run_sync(watched_changed, self._watched):
-                await self.rescan()
+            # Directories that cannot be watched are looked at now (the
+            # scanner rescans in the background; what it finds is probed at
+            # once); everything already known is probed here.
+            self.watcher.poll()
+            await self._probe_all(self.registry.snapshot().backends)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Prober] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Scan once, report ready, then keep probing and watching until cancelled."""
+        """Scan once, report ready, then keep probing until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             # Ready as soon as the registry holds what is there; probing the
@@ -243,7 +244,6 @@ class Prober:
             await nursery.start(self.scanner.run)
             task_status.started(self)
             nursery.start_soon(self._periodic)
-            nursery.start_soon(self._watch)
 
 
 def scan_settings(
