@@ -45,6 +45,7 @@ RUNTIME_PACKAGES = (
     "attrs",
     "attr",
     "structlog",
+    "inotify_simple",
     "sniffio",
     "sortedcontainers",
     "idna",
@@ -56,7 +57,7 @@ RUNTIME_PACKAGES = (
 _DEPENDENCY_PROBE = """
 import json, sys
 before = set(sys.modules)
-import switcher.cli, switcher.cli._logging, trio, structlog, attrs, attr
+import switcher.cli, switcher.cli._logging, switcher.daemon, trio, structlog, attrs, attr
 names = {name.partition(".")[0] for name in set(sys.modules) - before}
 print(json.dumps(sorted(
     name for name in names
