@@ -242,9 +242,15 @@ def scan(settings: ScanSettings) -> ScanResult:
     # (ssh-agent's own sockets in /tmp look just like sshd's).
     named = {(c.dev, c.ino) for c in local if not c.missing}
     forwarded = [c for c in state.candidates if (c.dev, c.ino) not in named]
+    # A local agent's socket may come, go or be replaced (ssh-agent restarted):
+    # its directory is watched for its name.
+    watched = [
+        *state.watched,
+        *((os.path.dirname(p) or ".", (os.path.basename(p),)) for p in settings.local_agents),
+    ]
     return ScanResult(
         candidates=(*forwarded, *local),
         skipped=tuple(state.skipped),
-        watched=tuple(state.watched),
+        watched=tuple(watched),
         errors=tuple(state.errors),
     )

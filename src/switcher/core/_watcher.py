@@ -88,8 +88,16 @@ class _Target:
     """What is really watched for one interest: the directory, or the nearest ancestor."""
 
     directory: str
-    prefixes: tuple[bytes, ...]
-    placeholder: bool  # watching an ancestor for the name on the way to the interest
+    prefixes: tuple[bytes, ...] = ()  # entries that matter here
+    # Names on the way to interests that do not exist yet: when one comes or
+    # goes, the watches are worked out again.
+    children: frozenset[bytes] = frozenset()
+
+    def merge(self, other: _Target) -> _Target:
+        """One directory, two interests (say /tmp, and the way to a missing dir in it)."""
+        return _Target(
+            self.directory, self.prefixes + other.prefixes, self.children | other.children
+        )
 
 
 @attrs.define(eq=False)
@@ -112,8 +120,8 @@ def _resolve(interest: Interest) -> _Target | None:
             return None
         path, child = parent, os.path.basename(path)
     if child is None:
-        return _Target(path, tuple(os.fsencode(p) for p in interest.prefixes), placeholder=False)
-    return _Target(path, (os.fsencode(child),), placeholder=True)
+        return _Target(path, prefixes=tuple(os.fsencode(p) for p in interest.prefixes))
+    return _Target(path, children=frozenset({os.fsencode(child)}))
 
 
 def _describe(exc: OSError) -> str:
@@ -235,7 +243,7 @@ class Watcher:
             self._dirs.setdefault(wd, set()).add(directory)
         for owner, state in owners:
             before = state.targets
-            state.targets = {t.directory: t for _, t in wanted[owner] if t is not None}
+            state.targets = _by_directory(t for _, t in wanted[owner] if t is not None)
             self._set_polled(
                 state,
                 {
@@ -328,14 +336,24 @@ class Watcher:
         for owner, state in self._owners.items():
             for directory in directories:
                 target = state.targets.get(directory)
-                if target is not None and (mask & _GONE or name.startswith(target.prefixes)):
-                    if target.placeholder:
-                        self._dirty.set()  # the name on the way came or went
+                if target is None:
+                    continue
+                if name in target.children:
+                    self._dirty.set()  # the name on the way came or went
+                if mask & _GONE or name in target.children or name.startswith(target.prefixes):
                     yield owner
                     break
 
 
 _Wanted = dict[str, list[tuple[Interest, _Target | None]]]
+
+
+def _by_directory(targets: Iterable[_Target]) -> dict[str, _Target]:
+    merged: dict[str, _Target] = {}
+    for target in targets:
+        known = merged.get(target.directory)
+        merged[target.directory] = target if known is None else known.merge(target)
+    return merged
 
 
 def _directories(wanted: _Wanted) -> set[str]:
