@@ -108,6 +108,11 @@ class TestLocalAgentAsLastResort:
         loop = RequestLoop(sock)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(loop.run)
+            with trio.fail_after(30):
+                # The loop's first answer comes from the local agent: only
+                # then does the session start (noticed at once, it could
+                # otherwise beat the loop's first request).
+                await loop.wait_for_answer(public(local_key))
             stage = short_tmp / "stage"
             stage.mkdir(mode=0o700)
             # Generous guards: what is promised is well under a second.
