@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import pytest
 import trio
 
 from switcher.served import socket_answers
@@ -167,6 +168,13 @@ def logged(event: str, count: int = 1) -> Callable[[list[dict[str, object]]], bo
 
 
 # -- looking at a running daemon from outside (fault and soak tests) ----------
+
+# The daemon makes itself non-dumpable (PR_SET_DUMPABLE 0, as ssh-agent does), which
+# leaves its /proc/PID/fd and cwd to root: tests that look at them need root.
+needs_root_to_look_inside = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="reads the daemon's /proc/PID/fd, which only root may: the daemon is not dumpable",
+)
 
 # How often the helpers below look at /proc: often enough that a test waits
 # little longer than the daemon needs, rarely enough to cost it nothing.

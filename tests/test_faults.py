@@ -31,6 +31,7 @@ from procs import (
     Daemon,
     control_request,
     fd_targets,
+    needs_root_to_look_inside,
     open_fds,
     settled_open_fds,
     start_daemon,
@@ -39,6 +40,9 @@ from procs import (
     wait_open_fds_at_most,
 )
 from switcher.core import MessageType, encode
+
+# Counting the daemon's descriptors is how these tests see leaks.
+pytestmark = needs_root_to_look_inside
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator

@@ -94,8 +94,9 @@ class TestDetach:
             True,
             True,
         )
-        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
-        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        if os.geteuid() == 0:  # the daemon is not dumpable: only root may look
+            assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
+            assert os.readlink(f"/proc/{pid}/cwd") == "/"
         assert stat.S_IMODE((short_tmp / PID_NAME).stat().st_mode) == 0o600
         assert "switcher.daemon.started" in events(short_tmp / LOG_NAME)
         with trio.fail_after(HANG_GUARD_S):

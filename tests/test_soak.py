@@ -46,6 +46,7 @@ from fakes import AgentClient, FakeAgent
 from procs import (
     control_request,
     fd_targets,
+    needs_root_to_look_inside,
     open_fds,
     rss_kib,
     settled_open_fds,
@@ -54,6 +55,9 @@ from procs import (
     wait_open_fds_at_most,
 )
 from switcher.core import MessageType, encode
+
+# Counting the daemon's descriptors is how these tests see leaks.
+pytestmark = needs_root_to_look_inside
 
 DEFAULT_SECONDS = 120.0
 DEFAULT_CLIENTS = 50

@@ -55,7 +55,12 @@ PROBE = textwrap.dedent(
 
 
 def loaded_by(*argv: str) -> list[object]:
-    """Run ``switcher ARGV`` in a fresh interpreter; its status and the heavy modules loaded."""
+    """Run ``switcher ARGV`` in a fresh interpreter; its status and the heavy modules loaded.
+
+    Not under coverage (the tests session measures subprocesses too): coverage itself
+    imports typing and hashlib, which is not what a user's command loads.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}
     result = subprocess.run(
         [SWITCHER[0], "-c", PROBE, *argv],
         input=json.dumps(HEAVY),
@@ -63,6 +68,7 @@ def loaded_by(*argv: str) -> list[object]:
         text=True,
         timeout=60,
         check=True,
+        env=env,
     )
     loaded: list[object] = json.loads(result.stdout)
     return loaded
