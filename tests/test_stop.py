@@ -107,7 +107,8 @@ class TestStop:
         assert not os.path.lexists(daemon.control_path)
         logged = daemon.log_events()
         stopping = next(e for e in logged if e["event"] == "switcher.daemon.stopping")
-        assert stopping["reason"] == "stop_requested"
+        requested = next(e for e in logged if e["event"] == "switcher.control.stop_requested")
+        assert (stopping["reason"], requested["client_uid"]) == ("stop_requested", os.getuid())
         assert [e for e in events(daemon) if e.endswith(("stop_requested", "stopped"))] == [
             "switcher.control.stop_requested",
             "switcher.daemon.stopped",

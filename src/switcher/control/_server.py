@@ -32,7 +32,6 @@ from switcher.control._protocol import (
 )
 from switcher.core import (
     Health,
-    PeerCredentials,
     Prober,
     ProxyStatistics,
     Registry,
@@ -150,13 +149,13 @@ class ControlService:
                 peer = peer_credentials(stream.socket)
             except OSError:
                 return  # gone before we could ask who it was: nothing was said, nothing to log
+            # Every event about this connection says who it was (this task's context only).
+            structlog.contextvars.bind_contextvars(client_pid=peer.pid, client_uid=peer.uid)
             if not uid_allowed(peer.uid, os.getuid()):
-                log.warning(
-                    "switcher.control.peer_refused", client_pid=peer.pid, client_uid=peer.uid
-                )
+                log.warning("switcher.control.peer_refused")
                 return
             if self._active >= self.max_connections:
-                log.warning("switcher.control.busy", client_pid=peer.pid, client_uid=peer.uid)
+                log.warning("switcher.control.busy")
                 error = ControlError(
                     "busy", f"more than {self.max_connections} control connections"
                 )
@@ -168,35 +167,31 @@ class ControlService:
             # Only cancellation (the daemon stopping) leaves this value in place.
             ending = Ending(Outcome.STOPPED)
             try:
-                ending = await self.handle(stream, peer)
+                ending = await self.handle(stream)
             except Exception:
                 # Log and go on, by design: a bug met by one control client must
                 # not take down the daemon, and the traceback shows what it was.
                 # Everything a client can do (vanish, send garbage, stall) is
                 # handled in handle() and never gets here.
                 ending = Ending(Outcome.CRASHED)
-                log.exception(
-                    "switcher.control.connection_crashed", client_pid=peer.pid, client_uid=peer.uid
-                )
+                log.exception("switcher.control.connection_crashed")
             finally:
                 self._active -= 1
                 log.debug(
                     "switcher.control.connection_closed",
-                    client_pid=peer.pid,
-                    client_uid=peer.uid,
                     outcome=ending.outcome.value,
                     reason=ending.reason,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3),
                 )
 
-    async def handle(self, stream: trio.abc.Stream, peer: PeerCredentials | None = None) -> Ending:
+    async def handle(self, stream: trio.abc.Stream) -> Ending:
         """Serve one control connection's requests; say how it ended."""
         try:
-            return await self._converse(stream, peer)
+            return await self._converse(stream)
         except trio.BrokenResourceError as exc:
             return Ending(Outcome.CLIENT_VANISHED, _broken(exc))
 
-    async def _converse(self, stream: trio.abc.Stream, peer: PeerCredentials | None) -> Ending:
+    async def _converse(self, stream: trio.abc.Stream) -> Ending:
         framer = LineFramer(MAX_LINE)
         while True:
             try:
@@ -218,11 +213,7 @@ class ControlService:
                 # agent connections have drained, and the client reads that
                 # end as a sign the daemon is on its way out.
                 await _send(stream, self.stop_reply())
-                log.info(
-                    "switcher.control.stop_requested",
-                    client_pid=peer.pid if peer else None,
-                    client_uid=peer.uid if peer else None,
-                )
+                log.info("switcher.control.stop_requested")
                 self.request_stop()
                 continue
             try:
