@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from switcher.core import RelaySocket
-from switcher.core._relaysocket import _UNYIELDED_BUDGET, peer_closed
+from switcher.core._relaysocket import _UNYIELDED_BUDGET, close_quietly, peer_closed
 
 
 @pytest.fixture
@@ -184,6 +184,40 @@ class TestContract:
         assert scope.cancelled_caught
         with pytest.raises(trio.ClosedResourceError):
             await stream.receive_some(1)
+
+    async def test_close_quietly_closes_at_once_or_shielded(
+        self, pair: tuple[RelaySocket, socket.socket]
+    ) -> None:
+        """A RelaySocket closes without going back to the scheduler (so without a
+        cancellation point), waking a task blocked on it; any other stream is closed
+        even inside a cancelled scope."""
+        stream, _ = pair
+        memory, _ = trio.testing.memory_stream_pair()
+        steps = _TaskSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+
+                    async def blocked() -> None:
+                        with pytest.raises(trio.ClosedResourceError):
+                            await stream.receive_some(10)
+
+                    nursery.start_soon(blocked)
+                    await trio.testing.wait_all_tasks_blocked()
+                    steps.watch(trio.lowlevel.current_task())
+                    with trio.CancelScope() as scope:
+                        scope.cancel()
+                        await close_quietly(stream)
+                        await close_quietly(stream)  # idempotent
+                        closed_steps = steps.count
+                        await close_quietly(memory)
+                    steps.stop()
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        with pytest.raises(trio.ClosedResourceError):
+            await memory.send_all(b"x")
+        assert (closed_steps, scope.cancelled_caught) == (0, False)
 
     async def test_peer_closed_tells_a_hang_up_from_a_half_close(
         self, pair: tuple[RelaySocket, socket.socket]

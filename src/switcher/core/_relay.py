@@ -26,7 +26,7 @@ from switcher.core._hangup import HangupWatch
 from switcher.core._peer import describe_os_error
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
 from switcher.core._registry import Backend, Registry
-from switcher.core._relaysocket import RelayStream, peer_closed
+from switcher.core._relaysocket import RelayStream, close_quietly, peer_closed
 from switcher.core._upstream import Connector, Rescan, attach
 
 log = structlog.get_logger()
@@ -143,8 +143,7 @@ class _Connection:
                 await self._answer_all()
         finally:
             if self.upstream is not None:
-                with trio.CancelScope(shield=True):
-                    await self.upstream.aclose()
+                await close_quietly(self.upstream)
         # The client closed its side with every request answered: a
         # half-closed client got its replies first, since ssh-agent itself
         # drops a half-closed client without answering.
@@ -254,8 +253,7 @@ class _Connection:
     async def _fail_over(self, lost: _Lost) -> None:
         """The agent failed: replay to the next one if no reply reached the client yet."""
         assert self.upstream is not None and self.backend is not None
-        with trio.CancelScope(shield=True):
-            await self.upstream.aclose()
+        await close_quietly(self.upstream)
         self.upstream = None
         if self.replay is None:
             # A reply reached the client: the conversation belonged to that session.
@@ -337,8 +335,7 @@ async def relay_connection(
                 served=tally.served,
                 failed=len(connection.outstanding) if outcome is not Outcome.OK else 0,
             )
-        with trio.CancelScope(shield=True):
-            await client.aclose()
+        await close_quietly(client)
         log.info(
             "switcher.proxy.connection_closed",
             outcome=outcome.value,

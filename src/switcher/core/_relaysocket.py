@@ -17,7 +17,9 @@ every operation a checkpoint) but a type of its own, with this contract:
 - ``receive_some`` right after a ``send_all`` waits for readability first
   (the peer of an agent socket has not answered yet; trying at once would
   only fail with EAGAIN).
-- ``aclose`` is idempotent and a checkpoint; a task blocked in an operation
+- ``aclose`` is idempotent and a checkpoint; ``close`` is the same without
+  the checkpoint (the relay's last step, which must not be interrupted
+  anyway); a task blocked in an operation
   on the socket is woken with ``ClosedResourceError``; operations on a
   closed socket raise ``ClosedResourceError``, and a peer that went away
   shows as ``BrokenResourceError``, as with trio's streams.
@@ -146,12 +148,30 @@ class RelaySocket(trio.abc.AsyncResource):
         poller.register(self._sock, select.POLLHUP)
         return any(events & select.POLLHUP for _, events in poller.poll(0))
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """``aclose`` without its checkpoint, for the relay's own last step."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
+
+
+async def close_quietly(stream: RelayStream) -> None:
+    """Close a stream at the end of a connection, never interrupted by a cancellation.
+
+    A ``RelaySocket`` closes at once, without a checkpoint: the two closes
+    that end each connection had cost two trips through the scheduler and
+    two cancel scopes. Other streams get a shielded ``aclose``.
+    """
+    if isinstance(stream, RelaySocket):
+        stream.close()
+        return
+    with trio.CancelScope(shield=True):
+        await stream.aclose()
 
 
 def peer_closed(stream: RelayStream) -> bool:
