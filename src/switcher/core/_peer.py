@@ -62,11 +62,11 @@ async def open_backend(path: str, *, refuse_pid: int | None) -> RelaySocket:
     would loop forever; tests serving fake agents in-process pass None).
     """
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Non-blocking from the start: no separate system call to make it so.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as exc:
         raise LocalResourceError(describe_os_error(exc)) from None
     try:
-        sock.setblocking(False)
         await _connect(sock, path)
         peer = peer_credentials(sock)
     except OSError as exc:

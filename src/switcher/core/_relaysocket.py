@@ -61,7 +61,8 @@ class RelaySocket(trio.abc.AsyncResource):
     """A connected stream socket with immediate-when-possible I/O (see the module)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # not made non-blocking already (SOCK_NONBLOCK)
+            sock.setblocking(False)
         self._sock = sock
         self._budget = _UNYIELDED_BUDGET
         self._closed = False
