@@ -431,25 +431,32 @@ class TestPlaces:
 
 
 class TestSwappableListener:
-    async def test_a_waiting_accept_moves_to_the_new_socket(self, short_tmp: Path) -> None:
-        """Swapping wakes a task waiting in accept, which then accepts on the new socket;
-        the old socket is closed; closing for good ends accept with ClosedResourceError."""
+    @pytest.mark.parametrize("how", ["accept", "accept_socket"])
+    async def test_a_waiting_accept_moves_to_the_new_socket(
+        self, short_tmp: Path, how: str
+    ) -> None:
+        """Swapping wakes a task waiting in accept (a stream, or a plain socket for the
+        proxy), which then accepts on the new socket; the old socket is closed; closing
+        for good ends accept with ClosedResourceError."""
 
-        def listener(name: str) -> trio.SocketListener:
+        def listening(name: str) -> socket.socket:
             sock = socket.socket(socket.AF_UNIX)
             sock.bind(str(short_tmp / name))
             sock.listen()
-            return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            return sock
 
-        old, new = listener("old.sock"), listener("new.sock")
+        old, new = listening("old.sock"), listening("new.sock")
         swappable = SwappableListener(old)
-        accepted: list[trio.SocketStream] = []
+        accepted: list[trio.SocketStream | socket.socket] = []
         one_accepted, ended = trio.Event(), trio.Event()
 
         async def accept_all() -> None:
             try:
                 while True:
-                    accepted.append(await swappable.accept())
+                    if how == "accept":
+                        accepted.append(await swappable.accept())
+                    else:
+                        accepted.append(await swappable.accept_socket())
                     one_accepted.set()
             except trio.ClosedResourceError:
                 ended.set()
@@ -465,6 +472,9 @@ class TestSwappableListener:
                 await swappable.aclose()
                 await ended.wait()
         await client.aclose()
-        for stream in accepted:
-            await stream.aclose()
+        for connection in accepted:
+            if isinstance(connection, socket.socket):
+                connection.close()
+            else:
+                await connection.aclose()
         assert (len(accepted), old_refused) == (1, True)

@@ -41,6 +41,7 @@ from switcher.core import (
     ProxyServer,
     Registry,
     Watcher,
+    accept_socket,
     scan_settings,
     serve_agent_proxy,
     unix_connector,
@@ -68,13 +69,18 @@ class DaemonHandle:
 class SwappableListener(trio.abc.Listener[trio.SocketStream]):
     """A listener whose socket can be replaced while a task waits in ``accept``.
 
-    The services accept from it as from any listener. ``swap`` closes the old
-    socket, which wakes the waiting ``accept``, and that carries on with the
-    new one. Connections already accepted are sockets of their own: they
-    never notice.
+    The services accept from it as from any listener (the proxy takes plain
+    sockets, with ``accept_socket``). ``swap`` closes the old socket, which
+    wakes the waiting accept, and that carries on with the new one.
+    Connections already accepted are sockets of their own: they never
+    notice.
     """
 
-    _current: trio.SocketListener
+    _sock: socket.socket
+    _current: trio.SocketListener = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._current = _listener(self._sock)  # makes the socket non-blocking
 
     async def accept(self) -> trio.SocketStream:
         while True:
@@ -85,8 +91,17 @@ class SwappableListener(trio.abc.Listener[trio.SocketStream]):
                 if listener is self._current:
                     raise  # closed for good, not swapped
 
-    async def swap(self, new: trio.SocketListener) -> None:
-        old, self._current = self._current, new
+    async def accept_socket(self) -> socket.socket:
+        while True:
+            sock = self._sock
+            try:
+                return await accept_socket(sock)
+            except trio.ClosedResourceError:
+                if sock is self._sock:
+                    raise  # closed for good, not swapped
+
+    async def swap(self, new: socket.socket) -> None:
+        old, self._current, self._sock = self._current, _listener(new), new
         await old.aclose()
 
     async def aclose(self) -> None:
@@ -162,7 +177,7 @@ async def _serve(
         refuse_pid=refuse_pid,
         watcher=watcher,
     )
-    listeners = [SwappableListener(_listener(served.sock)) for served in sockets]
+    listeners = [SwappableListener(served.sock) for served in sockets]
     async with trio.open_nursery() as root:
         await root.start(watcher.run)
         await root.start(prober.serve)
@@ -346,7 +361,7 @@ async def _keep_sockets(
                     )
                 continue
             reported.pop(served.path, None)
-            await listener.swap(_listener(sock))
+            await listener.swap(sock)
             rebound()
             log.warning("switcher.daemon.socket_recreated", path=str(served.path))
 

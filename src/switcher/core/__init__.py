@@ -1,6 +1,11 @@
 """The domain: agent framing, discovery, the registry, the prober and the proxy."""
 
-from switcher.core._accept import accept_loop
+from switcher.core._accept import (
+    SocketListener,
+    accept_loop,
+    accept_socket,
+    accept_socket_loop,
+)
 from switcher.core._discovery import Candidate, Layout, ScanSettings, host_hash, scan
 from switcher.core._hangup import HangupWatch
 from switcher.core._peer import (
@@ -54,8 +59,11 @@ __all__ = [
     "RelayStream",
     "ScanSettings",
     "Snapshot",
+    "SocketListener",
     "Watcher",
     "accept_loop",
+    "accept_socket",
+    "accept_socket_loop",
     "encode",
     "host_hash",
     "open_backend",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import resource
+import socket
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import structlog
 import trio
@@ -30,10 +31,47 @@ _ACCEPT_FAILED: dict[Area, str] = {
 }
 
 
+Accepted = TypeVar("Accepted")
+Stream = TypeVar("Stream", bound=trio.abc.AsyncResource)
+
+
+@runtime_checkable
+class SocketListener(Protocol):
+    """A listener that hands out accepted sockets as they are, with no stream around them.
+
+    The proxy relays through its own ``RelaySocket``: wrapping each client
+    in a trio ``SocketStream`` only to unwrap it again cost a trip through
+    the scheduler and eight system calls per connection.
+    """
+
+    async def accept_socket(self) -> socket.socket:
+        """The next connection, waiting (a checkpoint) only when none is queued."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+async def accept_socket(sock: socket.socket) -> socket.socket:
+    """Accept one connection on a non-blocking listening socket.
+
+    A connection already queued is taken at once, without a checkpoint (the
+    caller's admission semaphore is one); otherwise this waits for one
+    through trio's I/O manager, and closing the listener (``notify_closing``)
+    wakes it with ``ClosedResourceError``.
+    """
+    while True:
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the listener is closed")
+        try:
+            return sock.accept()[0]
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
 async def accept_loop(
-    listener: trio.abc.Listener[trio.SocketStream],
+    listener: trio.abc.Listener[Stream],
     handlers: trio.Nursery,
-    handle: Callable[[trio.SocketStream], Awaitable[object]],
+    handle: Callable[[Stream], Awaitable[object]],
     *,
     area: Area,
     admission: trio.Semaphore | None = None,
@@ -46,12 +84,40 @@ async def accept_loop(
     Running out of descriptors pauses accepting (logged under ``area``);
     any other accept error is not ours to handle and ends the loop.
     """
+    await _accept_loop(listener.accept, handlers, handle, area=area, admission=admission)
+
+
+async def accept_socket_loop(
+    listener: SocketListener,
+    handlers: trio.Nursery,
+    handle: Callable[[socket.socket], Awaitable[object]],
+    *,
+    area: Area,
+    admission: trio.Semaphore,
+) -> None:
+    """``accept_loop`` for a listener of plain sockets: ``handle`` gets each as it is.
+
+    ``accept_socket`` takes a queued client without a checkpoint; acquiring
+    ``admission``, which is required here, is the one this loop makes per
+    client, so a flood of clients cannot keep other tasks from running.
+    """
+    await _accept_loop(listener.accept_socket, handlers, handle, area=area, admission=admission)
+
+
+async def _accept_loop(
+    accept: Callable[[], Awaitable[Accepted]],
+    handlers: trio.Nursery,
+    handle: Callable[[Accepted], Awaitable[object]],
+    *,
+    area: Area,
+    admission: trio.Semaphore | None,
+) -> None:
     backoff = _ACCEPT_BACKOFF
     while True:
         if admission is not None:
-            await admission.acquire()
+            await admission.acquire()  # a checkpoint, even when a slot is free
         try:
-            stream = await listener.accept()
+            accepted = await accept()
         except OSError as exc:
             if admission is not None:
                 admission.release()
@@ -66,16 +132,16 @@ async def accept_loop(
                 admission.release()
             raise
         backoff = _ACCEPT_BACKOFF
-        handlers.start_soon(_admitted, handle, stream, admission)
+        handlers.start_soon(_admitted, handle, accepted, admission)
 
 
 async def _admitted(
-    handle: Callable[[trio.SocketStream], Awaitable[object]],
-    stream: trio.SocketStream,
+    handle: Callable[[Accepted], Awaitable[object]],
+    accepted: Accepted,
     admission: trio.Semaphore | None,
 ) -> None:
     try:
-        await handle(stream)
+        await handle(accepted)
     finally:
         if admission is not None:
             admission.release()

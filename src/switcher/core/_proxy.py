@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 
 import attrs
 import structlog
 import trio
 
-from switcher.core._accept import accept_loop, descriptor_budget
+from switcher.core._accept import (
+    SocketListener,
+    accept_loop,
+    accept_socket_loop,
+    descriptor_budget,
+)
 from switcher.core._hangup import HangupWatch
 from switcher.core._peer import peer_credentials, uid_allowed
 from switcher.core._registry import Registry
 from switcher.core._relay import ConnectionResult, Outcome, relay_connection
-from switcher.core._relaysocket import RelaySocket
+from switcher.core._relaysocket import RelaySocket, detach
 from switcher.core._upstream import Connector, Rescan
 
 log = structlog.get_logger()
@@ -86,7 +92,7 @@ class ProxyServer:
 
 
 async def _handle_client(
-    client: trio.SocketStream,
+    client: socket.socket,
     *,
     registry: Registry,
     connect: Connector,
@@ -95,20 +101,20 @@ async def _handle_client(
 ) -> ConnectionResult | None:
     """Serve one accepted client; None if it was gone before we could look at it."""
     try:
-        peer = peer_credentials(client.socket)
+        peer = peer_credentials(client)
     except OSError:
-        await client.aclose()
+        client.close()
         return None
     # This task's own copy of the context: every event it logs names the client.
     structlog.contextvars.bind_contextvars(client_pid=peer.pid, client_uid=peer.uid)
     if not uid_allowed(peer.uid, os.getuid()):
         # ssh-agent's rule, kept even if someone loosens the socket's mode.
         log.warning("switcher.proxy.peer_refused")
-        await client.aclose()
+        client.close()
         return ConnectionResult(Outcome.PEER_REFUSED)
     try:
         return await relay_connection(
-            RelaySocket.from_trio(client),
+            RelaySocket(client),
             registry=registry,
             connect=connect,
             rescan=rescan,
@@ -124,7 +130,7 @@ async def _handle_client(
 
 
 async def serve_agent_proxy(
-    listener: trio.abc.Listener[trio.SocketStream],
+    listener: SocketListener | trio.abc.Listener[trio.SocketStream],
     *,
     registry: Registry,
     rescan: Rescan,
@@ -142,15 +148,18 @@ async def serve_agent_proxy(
     server = ProxyServer()
     watch = HangupWatch()
 
-    async def handle(stream: trio.SocketStream) -> None:
+    async def handle(client: socket.socket) -> None:
         server.connection_started()
         result = None
         try:
             result = await _handle_client(
-                stream, registry=registry, connect=connect, rescan=rescan, watch=watch
+                client, registry=registry, connect=connect, rescan=rescan, watch=watch
             )
         finally:
             server.connection_finished(result)
+
+    async def handle_stream(stream: trio.SocketStream) -> None:
+        await handle(detach(stream))
 
     try:
         # The watch outlives the handlers (it serves them during the grace
@@ -162,11 +171,18 @@ async def serve_agent_proxy(
                     # Admit no more clients than we have descriptors to relay:
                     # a client we accept must get its agent connection too.
                     admission = trio.Semaphore(descriptor_budget())
+                    # A listener of plain sockets spares each client a trio
+                    # stream that the relay would only unwrap again.
+                    if isinstance(listener, SocketListener):
+                        accepting = functools.partial(
+                            accept_socket_loop, listener, handlers, handle
+                        )
+                    else:
+                        accepting = functools.partial(
+                            accept_loop, listener, handlers, handle_stream
+                        )
                     acceptors.start_soon(
-                        functools.partial(accept_loop, admission=admission, area="proxy"),
-                        listener,
-                        handlers,
-                        handle,
+                        functools.partial(accepting, admission=admission, area="proxy")
                     )
                     task_status.started(server)
                     await server.wait_stop_requested()

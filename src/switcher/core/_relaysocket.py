@@ -71,13 +71,7 @@ class RelaySocket(trio.abc.AsyncResource):
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> RelaySocket:
         """Take over the socket of a trio ``SocketStream`` (which must not be used after)."""
-        trio_socket = stream.socket
-        # Family and type given explicitly: otherwise socket() asks the kernel.
-        return cls(
-            socket.socket(
-                trio_socket.family, trio_socket.type, trio_socket.proto, trio_socket.detach()
-            )
-        )
+        return cls(detach(stream))
 
     @property
     def socket(self) -> socket.socket:
@@ -159,6 +153,15 @@ class RelaySocket(trio.abc.AsyncResource):
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+
+def detach(stream: trio.SocketStream) -> socket.socket:
+    """The socket of a trio ``SocketStream``, taken over (the stream must not be used after)."""
+    trio_socket = stream.socket
+    # Family and type given explicitly: otherwise socket() asks the kernel.
+    return socket.socket(
+        trio_socket.family, trio_socket.type, trio_socket.proto, trio_socket.detach()
+    )
 
 
 async def close_quietly(stream: RelayStream) -> None:
