@@ -65,8 +65,9 @@ class TestAcceptSocket:
         """Anything with accept_socket and aclose is taken as a listener of plain sockets."""
         assert isinstance(listening[0], SocketListener)
 
+    @pytest.mark.parametrize("admission", [True, False], ids=["admission", "no-admission"])
     async def test_a_queue_of_clients_does_not_starve_other_tasks(
-        self, listening: tuple[_Listener, str]
+        self, listening: tuple[_Listener, str], admission: bool
     ) -> None:
         """Clients already queued are accepted without waiting, yet the loop still
         checkpoints for each one, so another task runs in between."""
@@ -99,7 +100,7 @@ class TestAcceptSocket:
                             nursery,
                             handle,
                             area="proxy",
-                            admission=trio.Semaphore(QUEUED_CLIENTS),
+                            admission=trio.Semaphore(QUEUED_CLIENTS) if admission else None,
                         )
                     )
                     await all_in.wait()

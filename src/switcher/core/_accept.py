@@ -45,7 +45,7 @@ class SocketListener(Protocol):
     """
 
     async def accept_socket(self) -> socket.socket:
-        """The next connection, waiting (a checkpoint) only when none is queued."""
+        """The next connection; always a checkpoint, like trio's ``accept``."""
         ...
 
     async def aclose(self) -> None: ...
@@ -54,18 +54,20 @@ class SocketListener(Protocol):
 async def accept_socket(sock: socket.socket) -> socket.socket:
     """Accept one connection on a non-blocking listening socket.
 
-    A connection already queued is taken at once, without a checkpoint (the
-    caller's admission semaphore is one); otherwise this waits for one
-    through trio's I/O manager, and closing the listener (``notify_closing``)
-    wakes it with ``ClosedResourceError``.
+    It waits for readiness first, through trio's I/O manager, and only then
+    accepts: so it is always a checkpoint (a loop accepting a flood of
+    clients still lets others run) and the usual case, one client at a
+    time, costs no accept that fails with EAGAIN. Closing the listener
+    (``notify_closing``) wakes it with ``ClosedResourceError``.
     """
     while True:
         if sock.fileno() == -1:
             raise trio.ClosedResourceError("the listener is closed")
+        await trio.lowlevel.wait_readable(sock)
         try:
             return sock.accept()[0]
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
+            continue  # another process took it (a shared listener)
 
 
 async def accept_loop(
@@ -93,14 +95,9 @@ async def accept_socket_loop(
     handle: Callable[[socket.socket], Awaitable[object]],
     *,
     area: Area,
-    admission: trio.Semaphore,
+    admission: trio.Semaphore | None = None,
 ) -> None:
-    """``accept_loop`` for a listener of plain sockets: ``handle`` gets each as it is.
-
-    ``accept_socket`` takes a queued client without a checkpoint; acquiring
-    ``admission``, which is required here, is the one this loop makes per
-    client, so a flood of clients cannot keep other tasks from running.
-    """
+    """``accept_loop`` for a listener of plain sockets: ``handle`` gets each as it is."""
     await _accept_loop(listener.accept_socket, handlers, handle, area=area, admission=admission)
 
 
@@ -115,7 +112,12 @@ async def _accept_loop(
     backoff = _ACCEPT_BACKOFF
     while True:
         if admission is not None:
-            await admission.acquire()  # a checkpoint, even when a slot is free
+            # No checkpoint when a slot is free (acquire would make one):
+            # accept is one already.
+            try:
+                admission.acquire_nowait()
+            except trio.WouldBlock:
+                await admission.acquire()
         try:
             accepted = await accept()
         except OSError as exc:
