@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
+import pytest
 import trio
+import trio.testing
 
 from fakes import Behaviour, FakeAgent, make_socket_file
 from switcher.core import Health, MessageType, encode
-from world import World, answer, chosen, identities
+from world import WakeUps, World, answer, chosen, identities
 
 FAILURE = encode(MessageType.FAILURE)
 
@@ -139,3 +142,46 @@ class TestGarbageInTheDirs:
             snapshot = await world.wait_until(chosen(live))
             assert await identities(world) == answer(agent)
         assert [b.path for b in snapshot.backends] == [str(live)]
+
+
+@pytest.fixture
+def real_then_virtual_clock() -> trio.testing.MockClock:
+    """A clock that follows real time until the test makes it virtual (rate 0, autojump)."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+class TestIdle:
+    async def test_only_the_probe_cycle_wakes_an_idle_daemon(
+        self, real_then_virtual_clock: trio.testing.MockClock, world: World
+    ) -> None:
+        """With one agent and nobody connecting, the whole daemon (prober, watcher,
+        socket keeper, relay, control) sleeps between probe cycles: no other timer.
+
+        Start-up runs in real time (scans and watches run in worker threads,
+        which virtual time would jump past); at rest, the clock turns virtual
+        and jumps only to the next deadline, so the times it jumps to are
+        every timer that fired. (Unix sockets within one process deliver at
+        once, so the probes do not race the jumps.)"""
+        agent = FakeAgent("one")
+        with trio.fail_after(60):
+            path, _ = await world.start_agent(agent)
+            handle = await world.start_daemon(probe_interval=5.0, probe_timeout=2.0)
+            await world.wait_until(chosen(path))
+        real_then_virtual_clock.rate = 0
+        real_then_virtual_clock.autojump_threshold = 0
+        started = trio.current_time()
+        wakeups = WakeUps(last=started)
+        trio.lowlevel.add_instrument(wakeups)
+        try:
+            await trio.sleep(31)
+        finally:
+            trio.lowlevel.remove_instrument(wakeups)
+        *cycles, end = wakeups.times
+        gaps = [round(later - earlier, 6) for earlier, later in itertools.pairwise(cycles)]
+        health = [b.health for b in handle.registry.snapshot().backends]
+        assert (len(cycles), gaps, end - started, health) == (
+            6,
+            [5.0] * 5,
+            31.0,
+            [Health.HEALTHY],
+        )

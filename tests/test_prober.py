@@ -21,6 +21,7 @@ from switcher.core import (
     Watcher,
 )
 from switcher.core._discovery import ScanResult
+from world import WakeUps
 
 
 def candidate(name: str, ctime: float = 100.0) -> Candidate:
@@ -164,20 +165,6 @@ class TestProbeTiming:
         await serve(nursery, scans, probes, interval=5.0, probe_timeout=10.0)
         await trio.sleep(30 - trio.current_time() - 0.1)
         assert probes.started == [0.0, 5.0, 10.0, 18.0, 23.0, 28.0]
-
-
-@attrs.define(eq=False)
-class WakeUps(trio.abc.Instrument):
-    """The virtual times at which the run loop woke after time had moved: timer wake-ups."""
-
-    times: list[float] = attrs.Factory(list)
-    _last: float = 0.0
-
-    def after_io_wait(self, timeout: float) -> None:  # noqa: ARG002 (the instrument's signature)
-        now = trio.current_time()
-        if now != self._last:
-            self._last = now
-            self.times.append(now)
 
 
 class TestIdle:

@@ -111,3 +111,17 @@ async def identities(world: World) -> bytes:
 
 def answer(agent: FakeAgent) -> bytes:
     return agent.answer(MessageType.REQUEST_IDENTITIES)
+
+
+@attrs.define(eq=False)
+class WakeUps(trio.abc.Instrument):
+    """The virtual times at which the run loop woke after time had moved: timer wake-ups."""
+
+    times: list[float] = attrs.Factory(list)
+    _last: float = 0.0
+
+    def after_io_wait(self, timeout: float) -> None:  # noqa: ARG002 (the instrument's signature)
+        now = trio.current_time()
+        if now != self._last:
+            self._last = now
+            self.times.append(now)
