@@ -241,6 +241,25 @@ class TestRegistry:
         assert ranked(registry) == [("l.sock", "unknown")]
         assert [b.id for b in registry.snapshot().backends] == [lid(local("l.sock"))]
 
+    def test_a_client_revived_it_before_the_scan_saw_it_back(self) -> None:
+        """A client reached the agent at its path before a scan saw the new socket: still
+        healthy afterwards (the answer came from the socket the scan now finds)."""
+        registry = Registry()
+        registry.reconcile([local("l.sock", ino=0)])
+        registry.record_traffic(lid(local("l.sock")), served=1, failed=0)
+        assert ranked(registry) == [("l.sock", "healthy")]
+        registry.reconcile([local("l.sock", ino=99)])
+        assert ranked(registry) == [("l.sock", "healthy")]
+
+    def test_a_refused_path_that_is_fixed_is_tried_again(self) -> None:
+        registry = Registry()
+        registry.reconcile([local("l.sock", refused="symlink")])
+        registry.reconcile([local("l.sock")])
+        held = registry.get(lid(local("l.sock")))
+        assert held is not None
+        assert (held.health, held.refused) == (Health.UNKNOWN, None)
+        assert registry.snapshot().choice == held
+
     def test_unchanged_socket_keeps_its_health(self) -> None:
         registry = Registry()
         registry.reconcile([local("l.sock")])

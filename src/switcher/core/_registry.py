@@ -124,19 +124,20 @@ class Backend:
     def with_socket(self, candidate: Candidate) -> Backend:
         """A local agent after a scan found ``candidate`` at its path.
 
-        Its health is the scan's to say only when the socket is missing or
-        refused (dead), or has just come back or been replaced (unknown
-        until probed or tried); otherwise it stays as the probes left it.
+        The scan decides its health only when the socket is missing or
+        refused (dead), or when a dead one's socket has come back or been
+        replaced (unknown: worth trying again). Otherwise it stays as probes
+        and clients left it: they reach whatever socket is at the path.
         """
-        error: str | None
+        health, error = self.health, self.last_error
         if candidate.refused is not None:
             health, error = Health.DEAD, candidate.refused
         elif candidate.missing:
             health, error = Health.DEAD, "no socket at this path"
-        elif (candidate.dev, candidate.ino) != (self.dev, self.ino) or self.refused is not None:
-            health, error = Health.UNKNOWN, self.last_error
-        else:
-            health, error = self.health, self.last_error
+        elif health is Health.DEAD and (
+            self.refused is not None or (candidate.dev, candidate.ino) != (self.dev, self.ino)
+        ):
+            health = Health.UNKNOWN
         return attrs.evolve(
             self,
             dev=candidate.dev,
