@@ -16,7 +16,7 @@ import attrs
 import pytest
 import trio
 
-from procs import Daemon, start_daemon, terminate
+from procs import Daemon, control_request, start_daemon, terminate
 from switcher.core import host_hash
 
 pytestmark = pytest.mark.skipif(
@@ -218,6 +218,9 @@ class TestThroughTheDaemon:
         with trio.fail_after(60):
             daemon = await daemon_for(short_tmp, agents)
             stop_daemon.append(daemon)
+            # Both probed: an unprobed session never outranks a probed one, so
+            # "newest wins" is about two agents the daemon has heard from.
+            await control_request(daemon.control_path, {"v": 1, "cmd": "refresh"})
         assert ssh_add(daemon.socket_path, "-L").stdout == Path(f"{new_key}.pub").read_text()
         killed = agents.processes[1]
         killed.kill()
