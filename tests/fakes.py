@@ -7,6 +7,7 @@ the same framing rules ssh-agent has and answers with well-formed replies
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import socket
 import struct
@@ -213,3 +214,77 @@ class SignFaultAgent(FakeAgent):
         await self.release.wait()
         await stream.send_all(reply)
         return True
+
+
+SESSION_BIND = encode(
+    MessageType.EXTENSION, _string(b"session-bind@openssh.com") + _string(b"hostkey") + b"\x00" * 8
+)
+
+
+@attrs.define(eq=False)
+class LoopAgent:
+    """A forwarded socket that leads back into the daemon, as ``ssh -A`` back into
+    the same host makes one.
+
+    Each connection to it is a channel that the inner ``ssh`` client serves by
+    connecting to its own ``SSH_AUTH_SOCK`` (``target``: the daemon) and
+    sending session-bind there first, synchronously: while it waits for that
+    reply it serves no other channel (ssh's main loop is blocked). Then it
+    passes bytes both ways. With ``looping`` False it stops leading back and
+    answers like a plain agent (the inner session's agent changed).
+    """
+
+    target: str
+    looping: bool = True
+    plain: FakeAgent = attrs.Factory(lambda: FakeAgent("not-a-loop-any-more"))
+    binds: int = 0
+    # The inner ssh client's single thread: held while it waits for a bind reply.
+    _blocked: trio.Lock = attrs.Factory(trio.Lock)
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        if not self.looping:
+            await self.plain.serve(stream)
+            return
+        async with stream:
+            try:
+                async with self._blocked:
+                    upstream = await trio.open_unix_socket(self.target)
+                    try:
+                        self.binds += 1
+                        await upstream.send_all(SESSION_BIND)
+                        await AgentClient(upstream).read_frame()
+                    except BaseException:
+                        await upstream.aclose()
+                        raise
+                async with upstream, trio.open_nursery() as nursery:
+
+                    async def pump(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            while data := await source.receive_some(65536):
+                                await sink.send_all(data)
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(pump, stream, upstream)
+                    nursery.start_soon(pump, upstream, stream)
+            except (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+    async def serve_unix(
+        self,
+        path: str,
+        *,
+        task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on a real Unix socket at ``path`` until cancelled."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        async with trio.open_nursery() as nursery:
+            task_status.started(listener)
+            async with listener:
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self.serve, stream)

@@ -9,7 +9,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from fakes import AgentClient, FakeAgent
+from fakes import AgentClient, FakeAgent, LoopAgent
 from switcher.config import Config
 from switcher.core import Health, MessageType, Snapshot
 from switcher.daemon import DaemonHandle, run_daemon
@@ -36,7 +36,7 @@ class World:
         return path
 
     async def start_agent(
-        self, agent: FakeAgent, path: Path | None = None
+        self, agent: FakeAgent | LoopAgent, path: Path | None = None
     ) -> tuple[Path, trio.CancelScope]:
         """Serve ``agent`` on a new forwarded-agent socket; cancel the scope to end the session."""
         path = path or self.session_dir() / "agent.1"

@@ -37,11 +37,13 @@ from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
     Interest,
+    LoopGuard,
     Prober,
     ProxyServer,
     Registry,
     Watcher,
     accept_socket,
+    probe,
     scan_settings,
     serve_agent_proxy,
     unix_connector,
@@ -166,6 +168,8 @@ async def _serve(
     # One inotify descriptor for the agents dirs and our own sockets; without
     # it (or with watching turned off) both are looked at every probe cycle.
     watcher = Watcher.open() if config.watch else Watcher(None)
+    # The prober sends loop checks; the proxy recognises them coming back.
+    loops = LoopGuard()
     prober = Prober(
         registry,
         # Our own sockets are never backends, whatever they are named.
@@ -176,6 +180,7 @@ async def _serve(
         probe_timeout=config.probe_timeout,
         refuse_pid=refuse_pid,
         watcher=watcher,
+        probe_path=functools.partial(probe, loops=loops),
     )
     listeners = [SwappableListener(served.sock) for served in sockets]
     async with trio.open_nursery() as root:
@@ -189,6 +194,7 @@ async def _serve(
                 rescan=prober.rescan_for_miss,
                 grace=config.grace,
                 connect=unix_connector(refuse_pid=refuse_pid),
+                loops=loops,
             )
         )
         stopping = trio.Event()

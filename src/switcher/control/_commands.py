@@ -21,6 +21,8 @@ def rank_reason(backend: Backend, snapshot: Snapshot) -> str:
     if backend.health is Health.DEAD:
         reason = f"dead: {backend.last_error or 'unreachable'}"
         return f"{reason} (pin ignored while dead)" if pinned else reason
+    if backend.health is Health.LOOP:
+        return f"loop: {backend.last_error or 'leads back to switcher'}, never used"
     if backend.health is Health.UNKNOWN:
         return "unknown: not probed yet" + (" (pin waits for a probe)" if pinned else "")
     if pinned:

@@ -8,6 +8,8 @@ from switcher.core._accept import (
 )
 from switcher.core._discovery import Candidate, Layout, ScanSettings, host_hash, scan
 from switcher.core._hangup import HangupWatch
+from switcher.core._loops import LoopGuard
+from switcher.core._outcome import ConnectionResult, Outcome
 from switcher.core._peer import (
     BackendUnavailableError,
     PeerCredentials,
@@ -26,7 +28,7 @@ from switcher.core._protocol import (
 )
 from switcher.core._proxy import ProxyServer, ProxyStatistics, serve_agent_proxy
 from switcher.core._registry import Backend, Health, Kind, ProbeResult, Registry, Snapshot
-from switcher.core._relay import ConnectionResult, Outcome, relay_connection
+from switcher.core._relay import relay_connection
 from switcher.core._relaysocket import RelaySocket, RelayStream
 from switcher.core._upstream import Connector, unix_connector
 from switcher.core._watcher import Interest, Watcher
@@ -46,6 +48,7 @@ __all__ = [
     "Interest",
     "Kind",
     "Layout",
+    "LoopGuard",
     "MessageType",
     "Outcome",
     "PeerCredentials",

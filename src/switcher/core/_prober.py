@@ -26,6 +26,7 @@ import structlog
 import trio
 
 from switcher.core._discovery import ScanResult, ScanSettings, host_hash
+from switcher.core._loops import LOOP_REASON, LoopGuard
 from switcher.core._peer import (
     BackendUnavailableError,
     LocalResourceError,
@@ -48,6 +49,7 @@ from switcher.core._registry import (
     Reconciled,
     Registry,
 )
+from switcher.core._relaysocket import RelaySocket
 from switcher.core._scanner import ScanFunction, Scanner, scan_in_thread
 from switcher.core._watcher import Interest, Watcher
 
@@ -63,14 +65,19 @@ DEFAULT_PROBE_TIMEOUT = 2.0
 DEFAULT_PROBE_INTERVAL = 5.0
 
 
-async def probe(path: str, *, refuse_pid: int | None) -> ProbeResult:
-    """Ask a backend for its identities; unbounded, the caller sets the timeout."""
+async def probe(
+    path: str, *, refuse_pid: int | None, loops: LoopGuard | None = None
+) -> ProbeResult:
+    """Ask a backend for its identities; unbounded, the caller sets the timeout.
+
+    With ``loops``, first check that it does not lead back to us (every
+    probe: a loop can appear or go).
+    """
     started = time.perf_counter()
-    try:
-        stream = await open_backend(path, refuse_pid=refuse_pid)
-    except BackendUnavailableError as exc:
-        return ProbeResult(Health.DEAD, error=str(exc))
-    async with stream:
+    opened = await _open_checked(path, refuse_pid=refuse_pid, loops=loops)
+    if isinstance(opened, ProbeResult):
+        return opened
+    async with opened as stream:
         try:
             await stream.send_all(REQUEST_IDENTITIES_FRAME)
             decoder = FrameDecoder()
@@ -92,6 +99,35 @@ async def probe(path: str, *, refuse_pid: int | None) -> ProbeResult:
     except FrameError as exc:
         return ProbeResult(Health.DEAD, error=f"bad reply: {exc}")
     return ProbeResult(Health.HEALTHY, latency=time.perf_counter() - started, key_count=keys)
+
+
+async def _open_checked(
+    path: str, *, refuse_pid: int | None, loops: LoopGuard | None
+) -> RelaySocket | ProbeResult:
+    """A connection to the agent at ``path`` that does not lead back to us, or the verdict."""
+    try:
+        stream = await open_backend(path, refuse_pid=refuse_pid)
+    except BackendUnavailableError as exc:
+        return ProbeResult(Health.DEAD, error=str(exc))
+    if loops is None:
+        return stream
+    try:
+        looped = await loops.check(stream, path)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        # It hung up on a request it did not know, which a loop through us
+        # never does (we answer our own): ask on a new connection.
+        await stream.aclose()
+        return await _open_checked(path, refuse_pid=refuse_pid, loops=None)
+    except FrameError as exc:
+        await stream.aclose()
+        return ProbeResult(Health.DEAD, error=f"bad reply: {exc}")
+    except BaseException:
+        await stream.aclose()
+        raise
+    if looped:
+        await stream.aclose()
+        return ProbeResult(Health.LOOP, error=LOOP_REASON)
+    return stream
 
 
 # How the prober asks one agent how it is: a real connection by default;

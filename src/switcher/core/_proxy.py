@@ -22,9 +22,11 @@ from switcher.core._accept import (
     descriptor_budget,
 )
 from switcher.core._hangup import HangupWatch
+from switcher.core._loops import LoopGuard
+from switcher.core._outcome import ConnectionResult, Outcome
 from switcher.core._peer import peer_credentials, uid_allowed
 from switcher.core._registry import Registry
-from switcher.core._relay import ConnectionResult, Outcome, relay_connection
+from switcher.core._relay import relay_connection
 from switcher.core._relaysocket import RelaySocket, detach
 from switcher.core._upstream import Connector, Rescan
 
@@ -98,6 +100,7 @@ async def _handle_client(
     connect: Connector,
     rescan: Rescan,
     watch: HangupWatch,
+    loops: LoopGuard | None,
 ) -> ConnectionResult | None:
     """Serve one accepted client; None if it was gone before we could look at it."""
     try:
@@ -119,6 +122,7 @@ async def _handle_client(
             connect=connect,
             rescan=rescan,
             watch=watch,
+            loops=loops,
         )
     except Exception:
         # The one catch-all of a connection task, by design: the relay handles
@@ -136,12 +140,15 @@ async def serve_agent_proxy(
     rescan: Rescan,
     grace: float,
     connect: Connector,
+    loops: LoopGuard | None = None,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept agent clients until told to stop, then drain them for ``grace`` seconds.
 
     Two nurseries, as in hypercorn: accepting stops first, so no new client
-    arrives while the ones in flight finish their current requests. Nothing
+    arrives while the ones in flight finish their current requests. With
+    ``loops`` (shared with the prober), the relay answers switcher's own loop
+    checks and never relays into an agent that leads back here. Nothing
     expected escapes a connection task, so an error out of these nurseries
     is a bug or a listener that failed for good: it ends the service.
     """
@@ -153,7 +160,12 @@ async def serve_agent_proxy(
         result = None
         try:
             result = await _handle_client(
-                client, registry=registry, connect=connect, rescan=rescan, watch=watch
+                client,
+                registry=registry,
+                connect=connect,
+                rescan=rescan,
+                watch=watch,
+                loops=loops,
             )
         finally:
             server.connection_finished(result)

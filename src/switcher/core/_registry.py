@@ -29,6 +29,7 @@ class Health(enum.Enum):
     HEALTHY = "healthy"  # answered a probe in time
     SLOW = "slow"  # accepted but did not answer in time (touch or confirm prompt?)
     DEAD = "dead"  # refused, reset, closed, or spoke garbage
+    LOOP = "loop"  # leads back to switcher itself (see _loops): never chosen
 
 
 log = structlog.get_logger()
@@ -51,6 +52,7 @@ class Kind(enum.Enum):
 
 
 _PINNABLE = frozenset({Health.HEALTHY, Health.SLOW})
+_UNUSABLE = frozenset({Health.DEAD, Health.LOOP})
 
 # Rank order between (kind, health): a forwarded session that works wins,
 # since it is the person's own agent on the machine in front of them; a
@@ -65,6 +67,8 @@ _TIER = {
     (Kind.LOCAL, Health.UNKNOWN): 5,
     (Kind.FORWARDED, Health.DEAD): 6,
     (Kind.LOCAL, Health.DEAD): 7,
+    (Kind.FORWARDED, Health.LOOP): 8,
+    (Kind.LOCAL, Health.LOOP): 9,
 }
 
 
@@ -172,8 +176,8 @@ class Snapshot:
     # and the registry hands out the same snapshot until something changes.
     @functools.cached_property
     def usable(self) -> tuple[Backend, ...]:
-        """Backends a new connection may try, best first (everything not dead)."""
-        return tuple(b for b in self.backends if b.health is not Health.DEAD)
+        """Backends a new connection may try, best first (everything not dead or a loop)."""
+        return tuple(b for b in self.backends if b.health not in _UNUSABLE)
 
     @property
     def choice(self) -> Backend | None:

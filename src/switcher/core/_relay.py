@@ -15,7 +15,6 @@ conversation belongs to that agent, and losing it closes the client.
 from __future__ import annotations
 
 import collections
-import enum
 import time
 
 import attrs
@@ -23,6 +22,8 @@ import structlog
 import trio
 
 from switcher.core._hangup import HangupWatch
+from switcher.core._loops import LoopGuard, is_session_bind
+from switcher.core._outcome import ConnectionResult, Outcome, Tally
 from switcher.core._peer import describe_os_error
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
 from switcher.core._registry import Backend, Registry
@@ -34,21 +35,6 @@ log = structlog.get_logger()
 # Reads are at most this big; a whole maximal message is 256 KiB + 4, so
 # typical messages (a few hundred bytes) arrive in one read.
 _RECEIVE_SIZE = 64 * 1024
-
-
-class Outcome(enum.Enum):
-    """How a client connection ended (the ``outcome`` of ``switcher.proxy.connection_closed``)."""
-
-    OK = "ok"  # the client closed with every request answered, some by an agent
-    CLOSED_IDLE = "closed_idle"  # the client closed without sending a request
-    NO_BACKEND = "no_backend"  # every request was answered FAILURE: no agent would take it
-    BAD_REQUEST = "bad_request"  # a malformed frame (``reason`` says how)
-    CLIENT_VANISHED = "client_vanished"  # the client went away while a reply was owed
-    CLIENT_VANISHED_MID_REQUEST = "client_vanished_mid_request"  # ... or mid-request
-    BACKEND_LOST = "backend_lost"  # the agent went away after a reply had been relayed
-    PEER_REFUSED = "peer_refused"  # the client's uid is neither ours nor root
-    CANCELLED = "cancelled"  # cut at shutdown, after the grace period
-    CRASHED = "crashed"  # a bug (``switcher.proxy.connection_crashed`` has the traceback)
 
 
 class _Lost(Exception):
@@ -69,28 +55,6 @@ class _Finished(Exception):
 
 
 @attrs.define(eq=False)
-class _Tally:
-    """What we log of a connection: counts and sizes, never contents."""
-
-    request_types: collections.Counter[str] = attrs.Factory(collections.Counter)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    served: int = 0
-    answered_locally: int = 0
-    failovers: int = 0
-
-    def fields(self) -> dict[str, object]:
-        return {
-            "requests": dict(self.request_types),
-            "replies": self.served,
-            "answered_locally": self.answered_locally,
-            "failovers": self.failovers,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-        }
-
-
-@attrs.define(eq=False)
 class _Connection:
     """The state of one client connection through the proxy.
 
@@ -106,7 +70,8 @@ class _Connection:
     connect: Connector
     rescan: Rescan
     watch: HangupWatch | None
-    tally: _Tally = attrs.Factory(_Tally)
+    loops: LoopGuard | None
+    tally: Tally = attrs.Factory(Tally)
     decoder: FrameDecoder = attrs.Factory(FrameDecoder)
     upstream: RelayStream | None = None
     upstream_decoder: FrameDecoder = attrs.Factory(FrameDecoder)
@@ -139,7 +104,10 @@ class _Connection:
         try:
             while (frames := await self._next_client_frames()) is not None:
                 for frame in frames:
-                    self._take_request(frame)
+                    if self.loops is not None and self.loops.claims(frame):
+                        await self._answer_loop_check(frame)
+                    else:
+                        self._take_request(frame)
                 await self._answer_all()
         finally:
             if self.upstream is not None:
@@ -173,6 +141,13 @@ class _Connection:
             self.tally.bytes_in += len(data)
             self.decoder.feed(data)
 
+    async def _answer_loop_check(self, frame: Frame) -> None:
+        """Our own loop check came back: FAILURE at once (after what came before it)."""
+        await self._answer_all()
+        self.tally.request_types[type_name(frame.type)] += 1
+        self.tally.answered_locally += 1
+        await self._send_client(FAILURE_FRAME)
+
     def _take_request(self, frame: Frame) -> None:
         self.tally.request_types[type_name(frame.type)] += 1
         self.outstanding.append(frame.type)
@@ -192,7 +167,14 @@ class _Connection:
         tried: set[str] = set()
         while self.outstanding:
             if self.upstream is None:
-                attached = await attach(self.registry, self.connect, self.rescan, tried)
+                attached = await attach(
+                    self.registry,
+                    self.connect,
+                    self.rescan,
+                    tried,
+                    self.loops,
+                    binding=bool(self.unsent) and is_session_bind(self.unsent[0]),
+                )
                 if attached is None:
                     await self._answer_locally()
                     return
@@ -290,14 +272,6 @@ def _reason(exc: BaseException) -> str:
     return "connection lost"
 
 
-@attrs.frozen
-class ConnectionResult:
-    outcome: Outcome
-    failovers: int = 0
-    answered_locally: int = 0
-    reason: str | None = None
-
-
 async def relay_connection(
     client: RelayStream,
     *,
@@ -305,6 +279,7 @@ async def relay_connection(
     connect: Connector,
     rescan: Rescan,
     watch: HangupWatch | None = None,
+    loops: LoopGuard | None = None,
 ) -> ConnectionResult:
     """Serve one client connection to the end, log it once, say how it went.
 
@@ -313,7 +288,7 @@ async def relay_connection(
     client is (pid, uid) comes from the structlog context the caller bound.
     """
     started = time.perf_counter()
-    connection = _Connection(client, registry, connect, rescan, watch)
+    connection = _Connection(client, registry, connect, rescan, watch, loops)
     outcome, reason = Outcome.CRASHED, None
     try:
         with connection.scope:

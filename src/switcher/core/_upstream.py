@@ -7,8 +7,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from switcher.core._loops import LOOP_REASON, LoopGuard
 from switcher.core._peer import BackendUnavailableError, LocalResourceError, open_backend
-from switcher.core._registry import Backend, Registry
+from switcher.core._protocol import FrameError
+from switcher.core._registry import Backend, Health, ProbeResult, Registry
 from switcher.core._relaysocket import RelayStream
 
 log = structlog.get_logger()
@@ -17,6 +19,7 @@ log = structlog.get_logger()
 # up before it is answered FAILURE, and how often we try again meanwhile.
 _RESOURCE_WAIT = 5.0
 _RESOURCE_RETRY = 0.05
+
 
 Connector = Callable[[Backend], Awaitable[RelayStream]]
 Rescan = Callable[[], Awaitable[None]]
@@ -32,7 +35,13 @@ def unix_connector(*, refuse_pid: int | None) -> Connector:
 
 
 async def attach(
-    registry: Registry, connect: Connector, rescan: Rescan, tried: set[str]
+    registry: Registry,
+    connect: Connector,
+    rescan: Rescan,
+    tried: set[str],
+    loops: LoopGuard | None = None,
+    *,
+    binding: bool = False,
 ) -> tuple[Backend, RelayStream] | None:
     """Connect to the best agent not tried yet; None if none would take us.
 
@@ -41,18 +50,27 @@ async def attach(
     the client FAILURE, the ones judged dead, since a judgement can be stale
     (a socket probed between sshd's bind() and listen() looks dead until the
     next probe).
+
+    With ``loops``, an agent nobody has probed yet might lead back here: a
+    client waits for a check of it in flight, or checks it on the new
+    connection, before its requests go there. ``binding`` (the client's
+    first request is session-bind) skips such agents instead: see
+    ``_vetted``.
     """
     for attempt in ("usable", "rescanned", "dead"):
         if attempt == "rescanned":
             await rescan()
         snapshot = registry.snapshot()
         candidates = snapshot.dead if attempt == "dead" else snapshot.usable
-        for backend in candidates:
-            if backend.id in tried:
+        for candidate in candidates:
+            if candidate.id in tried:
+                continue
+            backend = await _vetted(loops, registry, candidate, binding=binding)
+            if backend is None:
                 continue
             tried.add(backend.id)
             try:
-                return backend, await _connect(connect, backend)
+                upstream = await _connect(connect, backend)
             except LocalResourceError:
                 return None
             except BackendUnavailableError as exc:
@@ -61,7 +79,61 @@ async def attach(
                     log.warning(
                         "switcher.proxy.backend_unavailable", backend=backend.id, reason=str(exc)
                     )
+                continue
+            if await _leads_elsewhere(loops, registry, backend, upstream):
+                return backend, upstream
     return None
+
+
+async def _vetted(
+    loops: LoopGuard | None, registry: Registry, backend: Backend, *, binding: bool
+) -> Backend | None:
+    """``backend`` as it stands once any loop check of it is done; None to skip it.
+
+    Only an agent nobody has probed can be a loop we do not know of (a
+    probed one was checked). A session-bind never goes to one: it comes from
+    an ``ssh`` that waits for the answer before it serves any channel, and if
+    this agent is that ssh's own forwarded socket, checking it (or waiting
+    for a check of it) would wait on itself. That is the one request a loop
+    makes wait like that; every other request may wait for the verdict,
+    which the chain delivers once its binds are answered.
+    """
+    if loops is None or backend.health is not Health.UNKNOWN:
+        return backend
+    if binding:
+        return None
+    await loops.wait_checked(backend.path)
+    current = registry.get(backend.id)
+    if current is None or current.health is Health.LOOP:
+        return None
+    return current
+
+
+async def _leads_elsewhere(
+    loops: LoopGuard | None, registry: Registry, backend: Backend, upstream: RelayStream
+) -> bool:
+    """Check a fresh connection to an agent nobody has probed before relaying into it.
+
+    A probed agent had its loop checked by that probe: a slow one is not
+    re-checked here (its check would wait as long as its requests do).
+    """
+    if loops is None or backend.health is not Health.UNKNOWN:
+        return True
+    try:
+        looped = await loops.check(upstream, backend.path)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
+        looped = None  # it hung up on (or garbled) a request it did not know: not usable now
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await upstream.aclose()
+        raise
+    if looped is False:
+        return True
+    with trio.CancelScope(shield=True):
+        await upstream.aclose()
+    if looped:
+        registry.record_probe(backend.id, ProbeResult(Health.LOOP, error=LOOP_REASON))
+    return False
 
 
 async def _connect(connect: Connector, backend: Backend) -> RelayStream:
