@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -22,8 +23,14 @@ def tests(session: nox.Session) -> None:
         session.run("coverage", "run", "-m", "pytest", *session.posargs)
     finally:
         session.run("coverage", "combine", success_codes=[0, 1])  # 1: no data (nothing ran)
-        # Fails the session when coverage drops below fail_under (pyproject.toml).
-        session.run("coverage", "report")
+        if session.posargs or os.geteuid() != 0:
+            # A partial run, or one whose end-to-end and root-only tests skip, cannot
+            # reach the whole suite's figure: report without the gate.
+            session.log("coverage: fail_under applies to the whole suite run as root (CI)")
+            session.run("coverage", "report", "--fail-under=0")
+        else:
+            # The whole suite, as CI runs it: fails below fail_under (pyproject.toml).
+            session.run("coverage", "report")
 
 
 @nox.session
