@@ -1,0 +1,228 @@
+"""What session affinity costs per connection: two agents, affinity on against off.
+
+    python benchmarks/affinity.py [--rounds 7] [--connections 1000] [--json]
+
+Two real ssh-agents, each holding a key, are presented as two forwarded
+sessions (``DIR/agents/ssh-*/agent.N``) to two switcher daemons that differ
+only in ``--affinity``. A client makes a new connection per
+REQUEST_IDENTITIES (what ``ssh`` and ``ssh-add`` do), from two places:
+
+- outside tmux: a process whose environment names session A's socket, so
+  affinity finds its session in the first process it reads;
+- inside tmux: a pane of a real tmux server, with one client attached (on
+  a pty from ``script``) that was started from session B: affinity reads
+  the pane's ancestry, asks tmux (cached for a quarter second), and reads
+  the tmux client's ancestry.
+
+Rounds interleave the four runs; figures are medians over rounds of the
+per-connection p50, and the added cost is on minus off, per place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import agentbench as ab
+
+HERE = Path(__file__).resolve().parent
+STARTUP_BOUND = 30.0
+
+# Runs one client loop and prints its latencies as JSON: used both directly and
+# inside the tmux pane.
+_CLIENT = """
+import json, sys
+sys.path.insert(0, {here!r})
+import agentbench as ab
+latencies = ab.new_connection_each({socket!r}, ab.identities_request(), {count})
+with open({out!r} + ".part", "w") as f:
+    json.dump(latencies, f)
+import os
+os.rename({out!r} + ".part", {out!r})
+"""
+
+
+def wait_for(condition: object, what: str) -> None:
+    deadline = time.monotonic() + STARTUP_BOUND
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@contextmanager
+def agent(directory: Path, name: str, number: int) -> Iterator[Path]:
+    """An ssh-agent with one fresh key, at DIR/agents/ssh-NAME/agent.NUMBER."""
+    session = directory / "agents" / f"ssh-{name * 10}"
+    session.mkdir(parents=True, mode=0o700)
+    socket = session / f"agent.{number}"
+    key = directory / f"key-{name}"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    process = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(socket.exists, f"ssh-agent at {socket}")
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket)}
+        subprocess.run(["ssh-add", "-q", str(key)], check=True, env=env)
+        yield socket
+    finally:
+        process.terminate()
+        process.wait()
+
+
+@contextmanager
+def daemon(directory: Path, name: str, affinity: str) -> Iterator[Path]:
+    socket = directory / f"{name}.sock"
+    argv = [
+        sys.executable,
+        "-m",
+        "switcher",
+        "daemon",
+        "--allow-root",
+        "--socket-path",
+        str(socket),
+        "--agents-dirs",
+        str(directory / "agents"),
+        "--log-file",
+        str(directory / f"{name}.log"),
+        "--affinity",
+        affinity,
+    ]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: socket.exists() and both_healthy(socket), f"daemon {name}")
+        yield socket
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def both_healthy(socket: Path) -> bool:
+    listed = subprocess.run(
+        [sys.executable, "-m", "switcher", "ctl", "--socket-path", str(socket), "list", "--json"],
+        capture_output=True,
+        check=False,
+    )
+    if listed.returncode != 0:
+        return False
+    backends = json.loads(listed.stdout)["backends"]
+    return len(backends) == 2 and all(b["health"] == "healthy" for b in backends)
+
+
+@contextmanager
+def tmux(directory: Path, session_a: Path, session_b: Path) -> Iterator[Path]:
+    """A tmux server started from session A, with one client attached from session B."""
+    socket = directory / "tmux.sock"
+    base = ["tmux", "-S", str(socket), "-f", "/dev/null"]
+    env_a = {**os.environ, "SSH_AUTH_SOCK": str(session_a)}
+    env_a.pop("TMUX", None)
+    subprocess.run([*base, "new-session", "-d", "-s", "bench", "-x", "80", "-y", "24"], env=env_a)
+    env_b = {**env_a, "SSH_AUTH_SOCK": str(session_b), "TERM": "xterm"}
+    attach = shlex.join([*base, "attach-session", "-t", "bench"])
+    client = subprocess.Popen(
+        ["script", "-qfc", attach, "/dev/null"],
+        env=env_b,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: subprocess.run([*base, "list-clients"], capture_output=True).stdout.strip(),
+            "the tmux client",
+        )
+        yield socket
+    finally:
+        subprocess.run([*base, "kill-server"], check=False)
+        client.kill()
+        client.wait()
+
+
+def run_client(directory: Path, socket: Path, count: int, *, env: dict[str, str]) -> list[float]:
+    out = directory / "out.json"
+    code = _CLIENT.format(here=str(HERE), socket=str(socket), count=count, out=str(out))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    latencies: list[float] = json.loads(out.read_text())
+    out.unlink()
+    return latencies
+
+
+def run_in_pane(directory: Path, tmux_socket: Path, socket: Path, count: int) -> list[float]:
+    out = directory / "out.json"
+    code = _CLIENT.format(here=str(HERE), socket=str(socket), count=count, out=str(out))
+    command = shlex.join([sys.executable, "-c", code])
+    subprocess.run(
+        ["tmux", "-S", str(tmux_socket), "new-window", "-d", "-t", "bench", command], check=True
+    )
+    wait_for(out.exists, "the pane's client")
+    latencies: list[float] = json.loads(out.read_text())
+    out.unlink()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    for tool in ("ssh-agent", "ssh-add", "ssh-keygen", "tmux", "script"):
+        if shutil.which(tool) is None:
+            sys.exit(f"benchmarks/affinity.py needs {tool}")
+    directory = Path(tempfile.mkdtemp(prefix="swaff-", dir="/tmp"))
+    runs: dict[str, list[float]] = {}
+    try:
+        with ExitStack() as stack:
+            a = stack.enter_context(agent(directory, "a", 1001))
+            b = stack.enter_context(agent(directory, "b", 1002))
+            sockets = {
+                "on": stack.enter_context(daemon(directory, "on", "on")),
+                "off": stack.enter_context(daemon(directory, "off", "off")),
+            }
+            tmux_socket = stack.enter_context(tmux(directory, a, b))
+            outside_env = {**os.environ, "SSH_AUTH_SOCK": str(a)}
+            outside_env.pop("TMUX", None)
+            for _ in range(2):  # warm-up: caches, imports, the daemons' first connections
+                for socket in sockets.values():
+                    run_client(directory, socket, 50, env=outside_env)
+            for _ in range(args.rounds):
+                for setting, socket in sockets.items():
+                    outside = run_client(directory, socket, args.connections, env=outside_env)
+                    inside = run_in_pane(directory, tmux_socket, socket, args.connections)
+                    runs.setdefault(f"outside/{setting}", []).append(statistics.median(outside))
+                    runs.setdefault(f"tmux/{setting}", []).append(statistics.median(inside))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    p50 = {name: statistics.median(values) * 1e3 for name, values in runs.items()}
+    report = {
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "p50_ms": {name: round(value, 3) for name, value in p50.items()},
+        "added_ms": {
+            place: round(p50[f"{place}/on"] - p50[f"{place}/off"], 3)
+            for place in ("outside", "tmux")
+        },
+        "per_round_p50_ms": {
+            name: [round(v * 1e3, 3) for v in values] for name, values in runs.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for name, value in sorted(p50.items()):
+        print(f"{name:12} p50 {value:.3f} ms")
+    for place, added in report["added_ms"].items():  # type: ignore[union-attr]
+        print(f"affinity adds {added:+.3f} ms per connection {place} tmux")
+
+
+if __name__ == "__main__":
+    main()
