@@ -38,6 +38,9 @@ class Config:
     # json, console, or auto: console when stderr is a terminal and there is
     # no log file (a person is watching), JSON lines otherwise.
     log_format: str = "auto"
+    # Session affinity (--affinity): prefer the agent of the client's own
+    # session, or of the tmux client last used, over the ranking's choice.
+    affinity: bool = True
     log_file: Path | None = None
     # Seconds open connections get to finish after SIGTERM before being cut:
     # enough for an in-flight signature, short enough for a service manager.

@@ -25,6 +25,8 @@ class ConfigDefault:
         from switcher.config import default_of
 
         value = default_of(self.field)
+        if isinstance(value, bool):
+            return "on" if value else "off"
         if isinstance(value, float):
             return f"{value:g}"
         if isinstance(value, tuple):

@@ -128,7 +128,13 @@ def _config(args: argparse.Namespace, sockets: Sockets) -> Config:
         # The flags given; Config has the defaults of the others.
         **given(args, "agents_dirs", "probe_interval", "probe_timeout", "log_level", "log_format"),  # type: ignore[arg-type]
         **_local_agents(args),
+        **_affinity(args),
     )
+
+
+def _affinity(args: argparse.Namespace) -> dict[str, Any]:
+    """--affinity on|off, if given (Config's field is a bool)."""
+    return {"affinity": args.affinity == "on"} if args.affinity in ("on", "off") else {}
 
 
 def _local_agents(args: argparse.Namespace) -> dict[str, Any]:

@@ -330,6 +330,13 @@ def _add_daemon_options(
             help="a probe unanswered this long marks its agent slow "
             "(default: {config.probe_timeout})",
         ),
+        parser.add_argument(
+            "--affinity",
+            choices=("on", "off"),
+            default=from_config("affinity"),
+            help="give each client the agent of the session it was started from, or inside "
+            "tmux of the tmux client last used (default: {config.affinity})",
+        ),
     ]
 
 
