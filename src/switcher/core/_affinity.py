@@ -73,6 +73,22 @@ class Decision:
 RANK = Decision(ChosenBy.RANK)
 
 
+def pinned_usable(snapshot: Snapshot) -> Backend | None:
+    """The pinned agent, while it is usable (healthy or slow)."""
+    if snapshot.pinned is None:
+        return None
+    pinned = snapshot.find(snapshot.pinned)
+    return pinned if pinned is not None and pinned.health in _ELIGIBLE else None
+
+
+def without_lookup(snapshot: Snapshot) -> Decision:
+    """The decision with no process looked at: the pin while usable, else the ranking."""
+    pinned = pinned_usable(snapshot)
+    if pinned is None:
+        return RANK
+    return Decision(ChosenBy.PIN, pinned, steps=(f"pinned: {_describe_agent(pinned)}",))
+
+
 @attrs.frozen
 class SessionMatch:
     """The agent a process's session forwarded, and the evidence."""
@@ -175,11 +191,11 @@ class Affinity:
         eligible = [
             b for b in snapshot.usable if b.health in _ELIGIBLE and b.kind is Kind.FORWARDED
         ]
-        pinned = snapshot.find(snapshot.pinned) if snapshot.pinned is not None else None
-        if pinned is not None and pinned.health in _ELIGIBLE:
-            return Decision(ChosenBy.PIN, pinned, steps=(f"pinned: {_describe_agent(pinned)}",))
-        if len(eligible) < 2:
-            return attrs.evolve(RANK, steps=("fewer than two usable agents: the ranking decides",))
+        if len(eligible) < 2 or pinned_usable(snapshot):
+            plain = without_lookup(snapshot)
+            if plain.chosen_by is ChosenBy.PIN:
+                return plain
+            return attrs.evolve(plain, steps=("fewer than two usable agents: the ranking decides",))
         steps: list[str] = []
         decision = None
         with trio.move_on_after(self.timeout):
