@@ -30,11 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-
-import agentbench as ab
 
 HERE = Path(__file__).resolve().parent
 STARTUP_BOUND = 30.0
@@ -53,9 +51,9 @@ os.rename({out!r} + ".part", {out!r})
 """
 
 
-def wait_for(condition: object, what: str) -> None:
+def wait_for(condition: Callable[[], object], what: str) -> None:
     deadline = time.monotonic() + STARTUP_BOUND
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.02)
@@ -126,7 +124,8 @@ def tmux(directory: Path, session_a: Path, session_b: Path) -> Iterator[Path]:
     base = ["tmux", "-S", str(socket), "-f", "/dev/null"]
     env_a = {**os.environ, "SSH_AUTH_SOCK": str(session_a)}
     env_a.pop("TMUX", None)
-    subprocess.run([*base, "new-session", "-d", "-s", "bench", "-x", "80", "-y", "24"], env=env_a)
+    new = [*base, "new-session", "-d", "-s", "bench", "-x", "80", "-y", "24"]
+    subprocess.run(new, env=env_a, check=True)
     env_b = {**env_a, "SSH_AUTH_SOCK": str(session_b), "TERM": "xterm"}
     attach = shlex.join([*base, "attach-session", "-t", "bench"])
     client = subprocess.Popen(
@@ -135,11 +134,13 @@ def tmux(directory: Path, session_a: Path, session_b: Path) -> Iterator[Path]:
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
     )
+
+    def attached() -> bool:
+        listed = subprocess.run([*base, "list-clients"], capture_output=True, check=False)
+        return bool(listed.stdout.strip())
+
     try:
-        wait_for(
-            lambda: subprocess.run([*base, "list-clients"], capture_output=True).stdout.strip(),
-            "the tmux client",
-        )
+        wait_for(attached, "the tmux client")
         yield socket
     finally:
         subprocess.run([*base, "kill-server"], check=False)
@@ -220,7 +221,8 @@ def main() -> None:
         return
     for name, value in sorted(p50.items()):
         print(f"{name:12} p50 {value:.3f} ms")
-    for place, added in report["added_ms"].items():  # type: ignore[union-attr]
+    for place in ("outside", "tmux"):
+        added = p50[f"{place}/on"] - p50[f"{place}/off"]
         print(f"affinity adds {added:+.3f} ms per connection {place} tmux")
 
 

@@ -12,10 +12,10 @@ import json
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
-from _openssh import ClientAgent
 from _switcher import Daemon, World, running_daemon
 from _system import (
     UserAccount,
@@ -29,6 +29,9 @@ from _system import (
 from _tmux import Pane, PaneResult, Tmux
 
 from switcher.core._tmux import CACHE_LIFETIME
+
+if TYPE_CHECKING:
+    from _openssh import ClientAgent
 
 pytestmark = pytest.mark.e2e
 
@@ -130,7 +133,9 @@ class TestTwoLaptops:
                     assert await a.run(ask) == PaneResult(0, key_a)
                     assert await b.run(ask) == PaneResult(0, key_b)
                     # A process outside every session: the newest, as without affinity.
-                    outside = await run_as(world.user, ["ssh-add", "-L"], SSH_AUTH_SOCK=str(daemon.socket))
+                    outside = await run_as(
+                        world.user, ["ssh-add", "-L"], SSH_AUTH_SOCK=str(daemon.socket)
+                    )
                     assert (outside.returncode, outside.stdout.decode().strip()) == (0, key_b)
 
                     # One tmux session, started from A, attached from both.
@@ -156,7 +161,9 @@ class TestTwoLaptops:
                         await wait_until(lambda: rcs.exists() and len(rcs.read_text().split()) > 5)
                     await laptop.command("kill-session", "-t", "b")
                     with trio.fail_after(STEP_GUARD):
-                        await wait_until(lambda: socket_b not in forwarded_agent_sockets(world.user))
+                        await wait_until(
+                            lambda: socket_b not in forwarded_agent_sockets(world.user)
+                        )
                         at_logout = len(rcs.read_text().split())
                         await wait_until(
                             lambda: len(rcs.read_text().split()) >= at_logout + ANSWERS_AFTER_LOGOUT
