@@ -306,3 +306,11 @@ def test_match_session_stops_at_a_tmux_server(proc: FakeProc) -> None:
     tmux_from_a(proc, LEGACY)
     chain = ProcessTable(uid=proc.uid, root=str(proc.root)).chain(500)
     assert match_session(chain, backends(LEGACY)) is None
+
+
+async def test_an_agent_named_for_pid_one_is_nobodys_session(proc: FakeProc) -> None:
+    """agent.1 names no sshd: a process adopted by init is not in that session."""
+    proc.add(101, 1, start=A_LOGIN)
+    one, other = backend("/tmp/ssh-AAAAAAAAAA/agent.1"), backend("/tmp/ssh-BBBBBBBBBB/agent.7")
+    decision = await decide(proc, 101, other, one)
+    assert outcome(decision) == ("rank", None, None, None)

@@ -36,6 +36,7 @@ from switcher._signals import HANDLED, RELOAD_SIGNAL, HeldSignals
 from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
+    Affinity,
     Interest,
     LoopGuard,
     Prober,
@@ -183,6 +184,7 @@ async def _serve(
         probe_path=functools.partial(probe, loops=loops),
     )
     listeners = [SwappableListener(served.sock) for served in sockets]
+    affinity = Affinity.for_own_processes() if config.affinity else None
     async with trio.open_nursery() as root:
         await root.start(watcher.run)
         await root.start(prober.serve)
@@ -195,6 +197,7 @@ async def _serve(
                 grace=config.grace,
                 connect=unix_connector(refuse_pid=refuse_pid),
                 loops=loops,
+                affinity=affinity,
             )
         )
         stopping = trio.Event()

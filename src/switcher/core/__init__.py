@@ -6,6 +6,7 @@ from switcher.core._accept import (
     accept_socket,
     accept_socket_loop,
 )
+from switcher.core._affinity import Affinity, ChosenBy, Decision, without_lookup
 from switcher.core._discovery import Candidate, Layout, ScanSettings, host_hash, scan
 from switcher.core._hangup import HangupWatch
 from switcher.core._loops import LoopGuard
@@ -30,16 +31,20 @@ from switcher.core._proxy import ProxyServer, ProxyStatistics, serve_agent_proxy
 from switcher.core._registry import Backend, Health, Kind, ProbeResult, Registry, Snapshot
 from switcher.core._relay import relay_connection
 from switcher.core._relaysocket import RelaySocket, RelayStream
+from switcher.core._survey import Served, SessionSeen, TmuxClientSeen, survey
 from switcher.core._upstream import Connector, unix_connector
 from switcher.core._watcher import Interest, Watcher
 
 __all__ = [
     "MAX_MESSAGE_LEN",
+    "Affinity",
     "Backend",
     "BackendUnavailableError",
     "Candidate",
+    "ChosenBy",
     "ConnectionResult",
     "Connector",
+    "Decision",
     "Frame",
     "FrameDecoder",
     "FrameError",
@@ -61,8 +66,11 @@ __all__ = [
     "RelaySocket",
     "RelayStream",
     "ScanSettings",
+    "Served",
+    "SessionSeen",
     "Snapshot",
     "SocketListener",
+    "TmuxClientSeen",
     "Watcher",
     "accept_loop",
     "accept_socket",
@@ -76,6 +84,8 @@ __all__ = [
     "scan",
     "scan_settings",
     "serve_agent_proxy",
+    "survey",
     "uid_allowed",
     "unix_connector",
+    "without_lookup",
 ]

@@ -104,7 +104,10 @@ def legacy_sshd_pid(backend: Backend) -> int | None:
         return None
     name = os.path.basename(backend.path)
     digits = name.removeprefix(_LEGACY_SOCKET_PREFIX)
-    return int(digits) if digits != name and digits.isdigit() else None
+    if digits == name or not digits.isdigit():
+        return None
+    pid = int(digits)
+    return pid if pid > 1 else None  # pid 1 adopts orphans: it is nobody's sshd
 
 
 def _same_socket(path: str, backends: Sequence[Backend]) -> Backend | None:
@@ -184,6 +187,11 @@ class Affinity:
     processes: ProcessTable
     tmux: TmuxQuery = attrs.Factory(TmuxQuery)
     timeout: float = LOOKUP_TIMEOUT
+
+    @classmethod
+    def for_own_processes(cls) -> Affinity:
+        """Affinity over the real /proc, reading only this user's processes."""
+        return cls(ProcessTable(uid=os.getuid()))
 
     async def decide(self, pid: int, snapshot: Snapshot, *, fresh: bool = False) -> Decision:
         """Apply the rule to process ``pid``; ``fresh`` asks tmux again instead of its cache."""

@@ -21,6 +21,7 @@ from switcher.core._accept import (
     accept_socket_loop,
     descriptor_budget,
 )
+from switcher.core._affinity import Affinity
 from switcher.core._hangup import HangupWatch
 from switcher.core._loops import LoopGuard
 from switcher.core._outcome import ConnectionResult, Outcome
@@ -101,6 +102,7 @@ async def _handle_client(
     rescan: Rescan,
     watch: HangupWatch,
     loops: LoopGuard | None,
+    affinity: Affinity | None,
 ) -> ConnectionResult | None:
     """Serve one accepted client; None if it was gone before we could look at it."""
     try:
@@ -123,6 +125,7 @@ async def _handle_client(
             rescan=rescan,
             watch=watch,
             loops=loops,
+            choose=functools.partial(affinity.decide, peer.pid) if affinity else None,
         )
     except Exception:
         # The one catch-all of a connection task, by design: the relay handles
@@ -141,6 +144,7 @@ async def serve_agent_proxy(
     grace: float,
     connect: Connector,
     loops: LoopGuard | None = None,
+    affinity: Affinity | None = None,
     task_status: trio.TaskStatus[ProxyServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept agent clients until told to stop, then drain them for ``grace`` seconds.
@@ -151,6 +155,7 @@ async def serve_agent_proxy(
     checks and never relays into an agent that leads back here. Nothing
     expected escapes a connection task, so an error out of these nurseries
     is a bug or a listener that failed for good: it ends the service.
+    With ``affinity``, each client is offered its own session's agent first.
     """
     server = ProxyServer()
     watch = HangupWatch()
@@ -166,6 +171,7 @@ async def serve_agent_proxy(
                 rescan=rescan,
                 watch=watch,
                 loops=loops,
+                affinity=affinity,
             )
         finally:
             server.connection_finished(result)

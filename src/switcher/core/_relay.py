@@ -16,21 +16,26 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 import structlog
 import trio
 
+from switcher.core._affinity import Decision, without_lookup
 from switcher.core._hangup import HangupWatch
 from switcher.core._loops import LoopGuard, is_session_bind
 from switcher.core._outcome import ConnectionResult, Outcome, Tally
 from switcher.core._peer import describe_os_error
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
-from switcher.core._registry import Backend, Registry
+from switcher.core._registry import Backend, Registry, Snapshot
 from switcher.core._relaysocket import RelayStream, close_quietly, peer_closed
 from switcher.core._upstream import Connector, Rescan, attach
 
 log = structlog.get_logger()
+
+# Session affinity for this connection's client: which agent to prefer, and why.
+Chooser = Callable[[Snapshot], Awaitable[Decision]]
 
 # Reads are at most this big; a whole maximal message is 256 KiB + 4, so
 # typical messages (a few hundred bytes) arrive in one read.
@@ -71,6 +76,9 @@ class _Connection:
     rescan: Rescan
     watch: HangupWatch | None
     loops: LoopGuard | None
+    choose: Chooser | None = None
+    # How the first agent was chosen; None until the first request.
+    decision: Decision | None = None
     tally: Tally = attrs.Factory(Tally)
     decoder: FrameDecoder = attrs.Factory(FrameDecoder)
     upstream: RelayStream | None = None
@@ -167,6 +175,9 @@ class _Connection:
         tried: set[str] = set()
         while self.outstanding:
             if self.upstream is None:
+                if self.decision is None:
+                    self.decision = await self._decide()
+                preferred = self.decision.backend
                 attached = await attach(
                     self.registry,
                     self.connect,
@@ -174,6 +185,7 @@ class _Connection:
                     tried,
                     self.loops,
                     binding=bool(self.unsent) and is_session_bind(self.unsent[0]),
+                    preferred=preferred.id if preferred is not None else None,
                 )
                 if attached is None:
                     await self._answer_locally()
@@ -183,6 +195,17 @@ class _Connection:
                 await self._exchange(self.upstream)
             except _Lost as lost:
                 await self._fail_over(lost)
+
+    async def _decide(self) -> Decision:
+        """Which agent to try first: affinity's choice, asked only when it could matter.
+
+        With fewer than two usable agents (the common case) no process is
+        looked at: the pin or the ranking decides, at no cost.
+        """
+        snapshot = self.registry.snapshot()
+        if self.choose is None or len(snapshot.usable) < 2:
+            return without_lookup(snapshot)
+        return await self.choose(snapshot)
 
     async def _exchange(self, upstream: RelayStream) -> None:
         """Send what is unsent, then relay replies until none is owed."""
@@ -272,6 +295,10 @@ def _reason(exc: BaseException) -> str:
     return "connection lost"
 
 
+# The log fields of a connection that never needed an agent.
+_NOT_CHOSEN: dict[str, object] = {"chosen_by": None}
+
+
 async def relay_connection(
     client: RelayStream,
     *,
@@ -280,15 +307,18 @@ async def relay_connection(
     rescan: Rescan,
     watch: HangupWatch | None = None,
     loops: LoopGuard | None = None,
+    choose: Chooser | None = None,
 ) -> ConnectionResult:
     """Serve one client connection to the end, log it once, say how it went.
 
     Expected failures (a client or agent that vanished, a malformed frame)
     end only this connection. The stream is closed on return. Who the
     client is (pid, uid) comes from the structlog context the caller bound.
+    ``choose`` is session affinity for this client (None: the pin or the
+    ranking decides).
     """
     started = time.perf_counter()
-    connection = _Connection(client, registry, connect, rescan, watch, loops)
+    connection = _Connection(client, registry, connect, rescan, watch, loops, choose)
     outcome, reason = Outcome.CRASHED, None
     try:
         with connection.scope:
@@ -318,5 +348,6 @@ async def relay_connection(
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             backend=connection.backend.id if connection.backend is not None else None,
             **tally.fields(),
+            **(connection.decision.log_fields() if connection.decision else _NOT_CHOSEN),
         )
     return ConnectionResult(outcome, tally.failovers, tally.answered_locally, reason)

@@ -9,7 +9,6 @@ name, belongs to the session it was started from.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import attrs
@@ -116,8 +115,3 @@ def _client_agents(
         if match is not None:
             found.append((client, match.backend.id))
     return found
-
-
-def own_table() -> ProcessTable:
-    """The real /proc, as the daemon's user sees it."""
-    return ProcessTable(uid=os.getuid())

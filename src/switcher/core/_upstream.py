@@ -42,6 +42,7 @@ async def attach(
     loops: LoopGuard | None = None,
     *,
     binding: bool = False,
+    preferred: str | None = None,
 ) -> tuple[Backend, RelayStream] | None:
     """Connect to the best agent not tried yet; None if none would take us.
 
@@ -55,13 +56,15 @@ async def attach(
     client waits for a check of it in flight, or checks it on the new
     connection, before its requests go there. ``binding`` (the client's
     first request is session-bind) skips such agents instead: see
-    ``_vetted``.
+    ``_vetted``. ``preferred`` (session affinity's choice) goes before the
+    other usable agents.
     """
     for attempt in ("usable", "rescanned", "dead"):
         if attempt == "rescanned":
             await rescan()
         snapshot = registry.snapshot()
-        candidates = snapshot.dead if attempt == "dead" else snapshot.usable
+        usable = _first(snapshot.usable, preferred)
+        candidates = snapshot.dead if attempt == "dead" else usable
         for candidate in candidates:
             if candidate.id in tried:
                 continue
@@ -134,6 +137,14 @@ async def _leads_elsewhere(
     if looped:
         registry.record_probe(backend.id, ProbeResult(Health.LOOP, error=LOOP_REASON))
     return False
+
+
+def _first(backends: tuple[Backend, ...], preferred: str | None) -> tuple[Backend, ...]:
+    """``backends`` with the one whose id is ``preferred`` moved to the front."""
+    if preferred is None or not backends or backends[0].id == preferred:
+        return backends
+    chosen = tuple(b for b in backends if b.id == preferred)
+    return chosen + tuple(b for b in backends if b.id != preferred)
 
 
 async def _connect(connect: Connector, backend: Backend) -> RelayStream:
