@@ -152,25 +152,34 @@ class TestTwoLaptops:
 
                     # B typed last; a loop in the pane asks while B's laptop hangs up.
                     await settle(remote)
-                    rcs, stop = results / "loop.rcs", results / "loop.stop"
+                    log, stop, done = (results / f"loop.{n}" for n in ("log", "stop", "done"))
+                    # One line per run: its exit status and the comment of the key it saw.
+                    # disown: no job notice from the pane's shell lands in a later output.
                     await b.type_line(
-                        f"( while [ ! -e {stop} ]; do {ask} >/dev/null 2>&1;"
-                        f" echo $? >>{rcs}; done ) &"
+                        f'( while [ ! -e {stop} ]; do k=$({ask} 2>&1); echo "$? ${{k##* }}"'
+                        f" >>{log}; done; touch {done} ) & disown"
                     )
+
+                    def runs() -> list[str]:
+                        return log.read_text().splitlines() if log.exists() else []
+
                     with trio.fail_after(STEP_GUARD):
-                        await wait_until(lambda: rcs.exists() and len(rcs.read_text().split()) > 5)
+                        await wait_until(lambda: len(runs()) > 5)
                     await laptop.command("kill-session", "-t", "b")
                     with trio.fail_after(STEP_GUARD):
                         await wait_until(
                             lambda: socket_b not in forwarded_agent_sockets(world.user)
                         )
-                        at_logout = len(rcs.read_text().split())
-                        await wait_until(
-                            lambda: len(rcs.read_text().split()) >= at_logout + ANSWERS_AFTER_LOGOUT
-                        )
-                    stop.touch()
-                    statuses = rcs.read_text().split()
-                    assert [s for s in statuses if s != "0"] == [], f"{len(statuses)} runs"
+                        at_logout = len(runs())
+                        await wait_until(lambda: len(runs()) >= at_logout + ANSWERS_AFTER_LOGOUT)
+                        stop.touch()
+                        await wait_until(done.exists)
+                    comment_a, comment_b = key_a.split()[-1], key_b.split()[-1]
+                    assert set(runs()) <= {f"0 {comment_a}", f"0 {comment_b}"}
+                    assert set(runs()[:5]) == {f"0 {comment_b}"}
+                    # The loop runs one at a time: only the first line after at_logout can
+                    # come from a run that began while B was still there.
+                    assert set(runs()[at_logout + 1 :]) == {f"0 {comment_a}"}
                     await settle(remote)
                     assert await a.run(ask) == PaneResult(0, key_a)
 
