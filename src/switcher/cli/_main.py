@@ -334,6 +334,7 @@ def _add_daemon_options(
             "--affinity",
             choices=("on", "off"),
             default=from_config("affinity"),
+            metavar="{on,off}",
             help="give each client the agent of the session it was started from, or inside "
             "tmux of the tmux client last used (default: {config.affinity})",
         ),
