@@ -150,6 +150,37 @@ class TestScansInOrder:
             [candidate("a").path],
         )
 
+    async def test_a_rescan_reports_the_net_change_since_it_asked(
+        self,
+        autojump_clock: trio.testing.MockClock,  # noqa: ARG002 (pytest-trio runs the test on it)
+        nursery: trio.Nursery,
+    ) -> None:
+        """A rescan that waits behind a running scan hears of every scan applied
+        meanwhile: a session that came and went in between is in neither list."""
+        brief, old = candidate("brief"), candidate("old")
+        scans = ScriptedScans([(0.0, found(old)), (10.0, found(old, brief)), (1.0, found())])
+        prober = await serve(nursery, scans)
+        nursery.start_soon(prober.rescan)
+        await trio.testing.wait_all_tasks_blocked()
+        report = await prober.rescan()
+        assert (paths(report.added), paths(report.removed)) == ([], [old.path])
+
+    async def test_a_cancelled_rescan_is_forgotten(
+        self,
+        autojump_clock: trio.testing.MockClock,  # noqa: ARG002 (pytest-trio runs the test on it)
+        nursery: trio.Nursery,
+    ) -> None:
+        """A caller that gives up waiting leaves no request behind: the next scan
+        serves only those still waiting."""
+        scans = ScriptedScans([(0.0, found()), (10.0, found()), (1.0, found(candidate("a")))])
+        prober = await serve(nursery, scans)
+        nursery.start_soon(prober.rescan)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(1):
+            await prober.rescan()
+        report = await prober.rescan()
+        assert (paths(report.added), len(scans.started)) == ([candidate("a").path], 3)
+
 
 class TestProbeTiming:
     async def test_every_interval_and_an_overrun_starts_the_next_at_once(

@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import inotify_simple
 import pytest
 import structlog.testing
 import trio
+import trio.testing
 
 from switcher.core import Interest, Watcher
 
@@ -155,7 +157,11 @@ class TestFallback:
         with structlog.testing.capture_logs() as logs:
             watcher = Watcher.open()
         ear = Ear()
-        watcher.follow("test", [Interest(str(short_tmp), AGENTS)], ear)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watcher.run)  # nothing to watch with: all polled
+            watcher.follow("test", [Interest(str(short_tmp), AGENTS)], ear)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
         watcher.poll()
         watcher.poll()
         assert (ear.heard, watcher.polling("test"), logs) == (
@@ -204,3 +210,47 @@ class TestFallback:
                 }
             ],
         )
+
+    async def test_a_directory_moved_away(self, watcher: Watcher, short_tmp: Path) -> None:
+        """A watched dir renamed away is heard; its watch no longer counts for the path,
+        and a new dir at the path is watched."""
+        agents = short_tmp / "agents"
+        agents.mkdir()
+        ear = Ear()
+        await follow(watcher, ear, Interest(str(agents), AGENTS))
+        agents.rename(short_tmp / "moved")
+        await ear.next()
+        agents.mkdir()
+        while not watcher.watching(str(agents)):
+            await ear.next()
+        make_socket(agents / "s.abcdefghij.sshd.0123456789")
+        await ear.next()
+        make_socket(short_tmp / "moved" / "s.abcdefghij.sshd.9876543210")
+        assert watcher.watching(str(agents))
+
+    async def test_an_interest_dropped_is_unwatched(
+        self, watcher: Watcher, short_tmp: Path
+    ) -> None:
+        """Directories an owner no longer names stop being watched."""
+        session = short_tmp / "ssh-AbCdEf1234"
+        session.mkdir()
+        ear = Ear()
+        await follow(
+            watcher, ear, Interest(str(short_tmp), AGENTS), Interest(str(session), SESSION)
+        )
+        watcher.follow("test", [Interest(str(short_tmp), AGENTS)], ear)
+        with trio.fail_after(HANG_GUARD_S):
+            while watcher.watching(str(session)):  # the watches change in a worker thread
+                await trio.testing.wait_all_tasks_blocked()
+        assert watcher.watching(str(short_tmp))
+
+
+class TestOverflow:
+    async def test_lost_events_tell_every_owner(self, watcher: Watcher, short_tmp: Path) -> None:
+        """When the kernel's queue overflowed, every owner looks again."""
+        first, second = Ear(), Ear()
+        await follow(watcher, first, Interest(str(short_tmp), AGENTS), owner="first")
+        await follow(watcher, second, Interest(str(short_tmp), SESSION), owner="second")
+        watcher._dispatch(struct.pack("iIII", -1, 0x4000, 0, 0))  # IN_Q_OVERFLOW
+        await first.next()
+        await second.next()
