@@ -43,27 +43,12 @@ log = structlog.get_logger()
 
 # Entry events that matter: something was created, deleted or moved in or
 # out. Not IN_ATTRIB, IN_MODIFY or IN_OPEN: /tmp is busy with those all day.
-_IN_CREATE = 0x100
-_IN_DELETE = 0x200
-_IN_MOVED_FROM = 0x40
-_IN_MOVED_TO = 0x80
-_IN_DELETE_SELF = 0x400
-_IN_MOVE_SELF = 0x800
-_IN_UNMOUNT = 0x2000
-_IN_Q_OVERFLOW = 0x4000
-_IN_IGNORED = 0x8000
-_IN_ONLYDIR = 0x1000000
+_F = inotify_simple.flags
 _MASK = (
-    _IN_CREATE
-    | _IN_DELETE
-    | _IN_MOVED_FROM
-    | _IN_MOVED_TO
-    | _IN_DELETE_SELF
-    | _IN_MOVE_SELF
-    | _IN_ONLYDIR
+    _F.CREATE | _F.DELETE | _F.MOVED_FROM | _F.MOVED_TO | _F.DELETE_SELF | _F.MOVE_SELF | _F.ONLYDIR
 )
 # The watched directory itself went away (or its watch did).
-_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_UNMOUNT | _IN_IGNORED
+_GONE = _F.DELETE_SELF | _F.MOVE_SELF | _F.UNMOUNT | _F.IGNORED
 
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len
 # A read takes whatever is queued, up to this much (about 1,000 events).
@@ -312,7 +297,7 @@ class Watcher:
     def _dispatch(self, data: bytes) -> None:
         told: set[str] = set()
         for wd, mask, name in _events(data):
-            if mask & _IN_Q_OVERFLOW:
+            if mask & _F.Q_OVERFLOW:
                 told.update(self._owners)  # events were lost: everyone looks again
                 self._dirty.set()
                 continue
@@ -324,9 +309,9 @@ class Watcher:
                 # Work the watches out again: the directory may be back, or
                 # gone for good (then its ancestor is watched for it).
                 self._dirty.set()
-                if mask & _IN_MOVE_SELF:
+                if mask & _F.MOVE_SELF:
                     self._stale.add(wd)  # it follows the moved directory now
-                if mask & (_IN_IGNORED | _IN_MOVE_SELF):
+                if mask & (_F.IGNORED | _F.MOVE_SELF):
                     self._forget(wd)
         for owner in told:
             self._owners[owner].on_change()
