@@ -112,7 +112,7 @@ def _add_ctl(subparsers: Subparsers) -> None:
         help="ask a running daemon what it is doing, or tell it which agent to prefer",
         description="Talk to a running switcher daemon over its control socket.",
         epilog=_CTL_EPILOG,
-        # The top-level parser's class (see _main._Parser) sets the formatter.
+        # The top-level parser's class (see _parser.Parser) sets the formatter.
     )
     _add_ctl_options(ctl, suppress=False)
     commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
