@@ -184,7 +184,9 @@ async def _serve(
         probe_path=functools.partial(probe, loops=loops),
     )
     listeners = [SwappableListener(served.sock) for served in sockets]
-    affinity = Affinity.for_own_processes() if config.affinity else None
+    # One view of processes and tmux, for the relay (when --affinity is on)
+    # and for `ctl why` and `ctl list` (always).
+    affinity = Affinity.for_own_processes()
     async with trio.open_nursery() as root:
         await root.start(watcher.run)
         await root.start(prober.serve)
@@ -197,7 +199,7 @@ async def _serve(
                 grace=config.grace,
                 connect=unix_connector(refuse_pid=refuse_pid),
                 loops=loops,
-                affinity=affinity,
+                affinity=affinity if config.affinity else None,
             )
         )
         stopping = trio.Event()
@@ -218,6 +220,8 @@ async def _serve(
             ),
             proxy_statistics=proxy.statistics,
             request_stop=functools.partial(stop, reason="stop_requested"),
+            affinity=affinity,
+            affinity_on=config.affinity,
         )
         await root.start(serve_control, listeners[1], control_service)
         log.info(

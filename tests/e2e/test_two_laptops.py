@@ -12,7 +12,7 @@ import json
 import shlex
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -92,16 +92,25 @@ async def settle(remote: Tmux) -> None:
         await wait_until(lambda: int(time.time()) > latest)
 
 
-async def wait_healthy(world: World, daemon: Daemon, sockets: set[Path]) -> None:
-    """Wait until the daemon has probed every session's agent healthy."""
-    argv = [str(world.switcher.executable), "ctl", "--socket-path", str(daemon.socket)]
+def ctl_argv(world: World, daemon: Daemon) -> list[str]:
+    return [str(world.switcher.executable), "ctl", "--socket-path", str(daemon.socket)]
+
+
+async def ctl_list(world: World, daemon: Daemon) -> list[dict[str, Any]]:
+    """`switcher ctl list --json` as the test user: the backends."""
+    result = await run_as(world.user, [*ctl_argv(world, daemon), "list", "--json"])
+    assert result.returncode == 0, describe(result)
+    listed: list[dict[str, Any]] = json.loads(result.stdout)["backends"]
+    return listed
+
+
+async def wait_healthy(world: World, daemon: Daemon, sockets: set[Path]) -> dict[Path, str]:
+    """Wait until the daemon has probed every session's agent healthy; return their ids."""
     with trio.fail_after(STEP_GUARD):
         while True:
-            result = await run_as(world.user, [*argv, "list", "--json"])
-            assert result.returncode == 0, describe(result)
-            listed = json.loads(result.stdout)["backends"]
+            listed = await ctl_list(world, daemon)
             if {(b["path"], b["health"]) for b in listed} == {(str(s), "healthy") for s in sockets}:
-                return
+                return {Path(b["path"]): b["id"] for b in listed}
             await trio.sleep(0.05)
 
 
@@ -127,7 +136,7 @@ class TestTwoLaptops:
                     ask = f"SSH_AUTH_SOCK={shlex.quote(str(daemon.socket))} ssh-add -L"
                     a, socket_a = await log_in(world, laptop, "a", agent_a, results)
                     b, socket_b = await log_in(world, laptop, "b", agent_b, results)
-                    await wait_healthy(world, daemon, {socket_a, socket_b})
+                    ids = await wait_healthy(world, daemon, {socket_a, socket_b})
 
                     # Plain shells: each session's own agent, although B is the newer.
                     assert await a.run(ask) == PaneResult(0, key_a)
@@ -149,6 +158,19 @@ class TestTwoLaptops:
                     for pane, key in ((b, key_b), (a, key_a), (b, key_b)):
                         await settle(remote)
                         assert await pane.run(ask) == PaneResult(0, key), pane.target
+
+                    # ctl why, typed in the pane, says so; ctl list shows who each serves.
+                    await settle(remote)
+                    why = await b.run(shlex.join(ctl_argv(world, daemon)) + " why")
+                    assert why.returncode == 0, why
+                    assert why.output.splitlines()[-1] == (
+                        f"=> agent {ids[socket_b]} ({socket_b}), chosen by tmux_client"
+                    ), why.output
+                    served = {
+                        backend["path"]: (len(backend["sessions"]), len(backend["tmux_clients"]))
+                        for backend in await ctl_list(world, daemon)
+                    }
+                    assert served == {str(socket_a): (1, 1), str(socket_b): (1, 1)}
 
                     # B typed last; a loop in the pane asks while B's laptop hangs up.
                     await settle(remote)

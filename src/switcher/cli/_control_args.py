@@ -150,6 +150,29 @@ def _add_ctl(subparsers: Subparsers) -> None:
         "one line per change, until Ctrl-C",
         "One line per change (agents, health, pin, choice) as it happens, until Ctrl-C.",
     )
+    why = add(
+        "why",
+        "which agent a process would get, and why, step by step",
+        "Which agent a client started by process PID would get now, and each step of "
+        "session affinity's rule that led there.",
+    )
+    why.add_argument(
+        "pid",
+        nargs="?",
+        type=_pid,
+        metavar="PID",
+        help="the process (default: the shell this command runs in)",
+    )
+
+
+def _pid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:

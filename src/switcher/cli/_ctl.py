@@ -1,4 +1,4 @@
-"""``switcher ctl``: its five commands, each one request (or a watch) and its output.
+"""``switcher ctl``: its six commands, each one request (or a watch) and its output.
 
 Standard library only, like everything `switcher ctl` loads: a tmux status
 line or a shell prompt may run it every few seconds. The connection is
@@ -130,10 +130,23 @@ def _watch(connection: Connection, args: argparse.Namespace) -> None:
             check(event)  # an error line ends the watch; other non-events are not for us
 
 
+def _why(connection: Connection, args: argparse.Namespace) -> None:
+    # Without a pid: the shell `switcher ctl why` was typed in, our parent.
+    pid = args.pid if args.pid is not None else os.getppid()
+    text, reply = connection.request("why", pid=pid)
+    if args.json:
+        _emit(text)
+        check(reply)
+        return
+    check(reply)
+    _emit(_rendered(_render.render_why, reply))
+
+
 _COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], None]] = {
     "list": _list,
     "prefer": _prefer,
     "refresh": _refresh,
     "status": _status,
     "watch": _watch,
+    "why": _why,
 }

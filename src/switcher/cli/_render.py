@@ -57,14 +57,39 @@ def render_list(reply: Reply, now: float) -> str:
         for backend in backends
     )
     markers = [" "] + ["*" if backend["id"] == choice else " " for backend in backends]
-    lines = [
-        f"{marker} {line}"
-        for marker, line in zip(markers, _align(rows, _LIST_RIGHT_ALIGNED), strict=True)
-    ]
+    lines = []
+    aligned = _align(rows, _LIST_RIGHT_ALIGNED)
+    for index, (marker, line) in enumerate(zip(markers, aligned, strict=True)):
+        lines.append(f"{marker} {line}")
+        if index:
+            lines.extend(f"      {served}" for served in _served(backends[index - 1], now))
     if pinned is not None:
         lines.append(f"pinned: {pinned}")
     if choice is None:
         lines.append("no usable agent right now")
+    return "\n".join(lines)
+
+
+def _served(backend: Reply, now: float) -> list[str]:
+    """Under an agent in ``list``: the SSH sessions and tmux clients it serves."""
+    lines = []
+    for session in backend.get("sessions", ()):
+        sshd = f"sshd {session['sshd_pid']}" if session.get("sshd_pid") else "sshd unknown"
+        tty = f", {session['tty']}" if session.get("tty") else ""
+        lines.append(f"ssh session: {sshd}{tty} (login shell {session['shell_pid']})")
+    for client in backend.get("tmux_clients", ()):
+        ago = format_age(now - float(client["activity"]))
+        lines.append(f"tmux client {client['tty']}, active {ago} ago")
+    return lines
+
+
+def render_why(reply: Reply) -> str:
+    """Each step of the rule, then the agent it comes to."""
+    lines = [str(step) for step in reply["steps"]]
+    if reply.get("agent") is None:
+        lines.append("=> no usable agent right now")
+    else:
+        lines.append(f"=> agent {reply['agent']} ({reply['path']}), chosen by {reply['chosen_by']}")
     return "\n".join(lines)
 
 
@@ -80,6 +105,8 @@ def render_status(reply: Reply) -> str:
             continue
         if key == "uptime_s":
             lines.append(f"uptime: {format_duration(float(value))}")
+        elif key == "affinity":
+            lines.append(f"affinity: {'on' if value else 'off'}")
         else:
             lines.append(f"{_STATUS_LABELS.get(key, key)}: {_status_value(value)}")
     if reply.get("version", __version__) != __version__:

@@ -91,7 +91,20 @@ class StopCommand:
     pass
 
 
-Command = ListCommand | PreferCommand | RefreshCommand | StatusCommand | WatchCommand | StopCommand
+@attrs.frozen
+class WhyCommand:
+    pid: int  # the process whose agent choice to explain
+
+
+Command = (
+    ListCommand
+    | PreferCommand
+    | RefreshCommand
+    | StatusCommand
+    | WatchCommand
+    | StopCommand
+    | WhyCommand
+)
 
 _NO_ARGUMENTS: dict[str, Command] = {
     "list": ListCommand(),
@@ -128,6 +141,8 @@ def parse_request(line: bytes) -> Command:
         return _NO_ARGUMENTS[cmd]
     if cmd == "prefer":
         return _parse_prefer(value, arguments)
+    if cmd == "why":
+        return _parse_why(value, arguments)
     raise ControlError("unknown_command", f"unknown command {_show(cmd)}")
 
 
@@ -146,6 +161,15 @@ def _parse_prefer(value: dict[str, Any], arguments: set[str]) -> PreferCommand:
             "bad_argument", "prefer needs a non-empty string 'id' (or \"clear\": true)"
         )
     return PreferCommand(target)
+
+
+def _parse_why(value: dict[str, Any], arguments: set[str]) -> WhyCommand:
+    if arguments - {"pid"}:
+        raise ControlError("bad_argument", f"why got unexpected {_names(arguments - {'pid'})}")
+    pid = value.get("pid")
+    if type(pid) is not int or pid <= 0:
+        raise ControlError("bad_argument", "why needs a positive integer 'pid'")
+    return WhyCommand(pid)
 
 
 def encode_reply(reply: dict[str, Any]) -> bytes:

@@ -27,10 +27,13 @@ from switcher.control._protocol import (
     StatusCommand,
     StopCommand,
     WatchCommand,
+    WhyCommand,
     encode_reply,
     parse_request,
 )
+from switcher.control._sessions import why_reply, with_sessions
 from switcher.core import (
+    Affinity,
     Health,
     Prober,
     ProxyStatistics,
@@ -38,7 +41,9 @@ from switcher.core import (
     Snapshot,
     accept_loop,
     peer_credentials,
+    survey,
     uid_allowed,
+    without_lookup,
 )
 
 log = structlog.get_logger()
@@ -93,6 +98,11 @@ class ControlService:
     request_stop: Callable[[], None]
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    # Session affinity's process and tmux view, for `why` and the sessions in
+    # `list` (None: neither is shown); whether the relay uses it is
+    # `affinity_on` (--affinity).
+    affinity: Affinity | None = None
+    affinity_on: bool = False
     _active: int = 0
 
     def status(self) -> dict[str, Any]:
@@ -110,6 +120,7 @@ class ControlService:
             "healthy": sum(b.health is Health.HEALTHY for b in snapshot.backends),
             "pinned": snapshot.pinned,
             "choice": choice_id(snapshot),
+            "affinity": self.affinity_on,
             "connections": {
                 "total": stats.total,
                 "active": stats.active,
@@ -130,7 +141,9 @@ class ControlService:
     async def execute(self, command: Command) -> dict[str, Any]:
         """Run one non-streaming command and build its reply."""
         if isinstance(command, ListCommand):
-            return list_reply(self.registry.snapshot())
+            return await self._list()
+        if isinstance(command, WhyCommand):
+            return await self._why(command.pid)
         if isinstance(command, PreferCommand):
             reply = prefer(self.registry, command.target)
             log.info("switcher.control.pin_changed", pinned=reply["pinned"])
@@ -141,6 +154,28 @@ class ControlService:
         if isinstance(command, StatusCommand):
             return self.status()
         raise AssertionError(f"not a one-shot command: {command}")  # pragma: no cover
+
+    async def _list(self) -> dict[str, Any]:
+        snapshot = self.registry.snapshot()
+        reply = list_reply(snapshot)
+        if self.affinity is None:
+            return reply
+        # Who each agent serves is a courtesy: a slow /proc or tmux costs it, not the list.
+        with trio.move_on_after(self.affinity.timeout):
+            served = await survey(self.affinity.processes, self.affinity.tmux, snapshot)
+            return with_sessions(reply, served)
+        return reply
+
+    async def _why(self, pid: int) -> dict[str, Any]:
+        if self.affinity is None:
+            raise ControlError("unavailable", "this daemon cannot look at processes")
+        snapshot = self.registry.snapshot()
+        if self.affinity_on:
+            # Fresh from tmux: whoever asks has just typed, and wants that to count.
+            decision = await self.affinity.decide(pid, snapshot, fresh=True)
+        else:
+            decision = without_lookup(snapshot)
+        return why_reply(pid, decision, snapshot, affinity=self.affinity_on)
 
     async def serve_client(self, stream: trio.SocketStream) -> None:
         """Check who connected, serve them, and log how it ended; close ``stream`` after."""
