@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import structlog.testing
 import trio
+import trio.testing
 
 from fakeproc import FakeProc, backend, snapshot
 from switcher.cli._init import _forwarded
@@ -541,3 +542,41 @@ class TestCtlList:
             *(lid(mine), "local", "dead", "-", "-", "-", "0/0", mine.path),
             *("dead:", "no", "socket", "at", "this", "path"),
         ]
+
+
+class TestReturningAgent:
+    async def test_a_local_socket_that_comes_back_is_probed_at_once(self) -> None:
+        """The scan that finds a local agent's socket back has it probed, not left unknown."""
+        asked: list[str] = []
+        present = [False]
+
+        async def probe_path(path: str, *, refuse_pid: int | None) -> ProbeResult:
+            del refuse_pid
+            asked.append(path)
+            if not present[0]:
+                return ProbeResult(Health.DEAD, error="socket vanished")
+            return ProbeResult(Health.HEALTHY, latency=0.001, key_count=1)
+
+        async def scan_dirs(settings: ScanSettings) -> ScanResult:
+            del settings
+            found = local("l.sock", ino=7 if present[0] else 0)
+            return ScanResult(candidates=(found,), skipped=(), watched=(), errors=())
+
+        registry = Registry()
+        prober = Prober(
+            registry,
+            ScanSettings((), uid=0, host_hash="h"),
+            scan_dirs=scan_dirs,
+            probe_path=probe_path,
+            interval=1000.0,  # no periodic probe during the test: only the scan's
+        )
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(prober.serve)
+                await trio.testing.wait_all_tasks_blocked()
+                assert ranked(registry) == [("l.sock", "dead")]
+                present[0] = True
+                prober.scanner.request()
+                while ranked(registry) != [("l.sock", "healthy")]:
+                    await registry.wait_changed(registry.version)
+                nursery.cancel_scope.cancel()

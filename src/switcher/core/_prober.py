@@ -179,9 +179,11 @@ class Prober:
         interests = [Interest(path, prefixes) for path, prefixes in result.watched]
         self.watcher.follow(_OWNER, interests, self._ask_for_scan)
         # New candidates are probed at once: that is how a new session gets
-        # preferred quickly. Nobody waits here: a slow one takes seconds.
-        if reconciled.added and self._nursery is not None:
-            self._nursery.start_soon(self._probe_all, reconciled.added)
+        # preferred quickly (and a restarted local agent is seen healthy).
+        # Nobody waits here: a slow one takes seconds.
+        fresh = reconciled.added + reconciled.returned
+        if fresh and self._nursery is not None:
+            self._nursery.start_soon(self._probe_all, fresh)
 
     def _ask_for_scan(self) -> None:
         self.scanner.request()

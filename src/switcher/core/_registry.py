@@ -205,6 +205,9 @@ class Snapshot:
 class Reconciled:
     added: tuple[Backend, ...]
     removed: tuple[Backend, ...]
+    # Local agents whose socket the scan found back or replaced: unknown
+    # again, worth probing at once like a new session.
+    returned: tuple[Backend, ...] = ()
 
 
 @attrs.frozen
@@ -307,7 +310,8 @@ class Registry:
             self._touch()
         _log_reconciled(added, removed, changes)
         self._note_choice()
-        return Reconciled(tuple(added), tuple(removed))
+        returned = tuple(new for old, new in changes if new.health is Health.UNKNOWN)
+        return Reconciled(tuple(added), tuple(removed), returned)
 
     def _replace(self, new: Backend) -> None:
         self._backends[new.path] = new
