@@ -34,7 +34,7 @@ from procs import (
 )
 from switcher import paths, pathsafety, pidfile
 from switcher.core import MessageType, encode
-from switcher.daemon import SwappableListener
+from switcher.socketkeeper import SwappableListener
 
 # Every subprocess and every wait in these tests gives up after this long.
 HANG_GUARD_S = 20

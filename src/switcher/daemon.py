@@ -6,9 +6,9 @@ proxy accepts. Shutdown runs the other way: stop accepting, let open
 connections finish for a short grace, cancel the rest, remove the socket.
 
 Beside the services, two small upkeep tasks: one turns signals into a
-shutdown, or (SIGHUP) into a log reopen and a refresh; the other puts our
-own sockets back when someone deletes them (``rm``, systemd-tmpfiles
-cleaning ``/tmp``). When systemd runs us, it hears READY=1 and STOPPING=1.
+shutdown, or (SIGHUP) into a log reopen and a refresh; the other
+(``switcher.socketkeeper``) puts our own sockets back when someone deletes
+them. When systemd runs us, it hears READY=1 and STOPPING=1.
 
 Errors: each task handles the failures it expects where they arise (a log
 file that cannot be reopened, a socket that cannot be put back yet, a
@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -37,21 +36,18 @@ from switcher.config import Config
 from switcher.control import ControlService, DaemonInfo, serve_control
 from switcher.core import (
     Affinity,
-    Interest,
     LoopGuard,
     Prober,
     ProxyServer,
     Registry,
     Watcher,
-    accept_socket,
     probe,
     scan_settings,
     serve_agent_proxy,
     unix_connector,
 )
-from switcher.instancelock import AlreadyRunningError
-from switcher.pathsafety import UnsafePathError
-from switcher.served import LISTEN_BACKLOG, ServedSocket, Sockets, claim_sockets
+from switcher.served import Sockets, claim_sockets
+from switcher.socketkeeper import SwappableListener, describe, keep_sockets
 
 log = structlog.get_logger()
 
@@ -66,49 +62,6 @@ class DaemonHandle:
     control: ControlService
     socket_path: Path
     control_path: Path
-
-
-@attrs.define(eq=False)
-class SwappableListener(trio.abc.Listener[trio.SocketStream]):
-    """A listener whose socket can be replaced while a task waits in ``accept``.
-
-    The services accept from it as from any listener (the proxy takes plain
-    sockets, with ``accept_socket``). ``swap`` closes the old socket, which
-    wakes the waiting accept, and that carries on with the new one.
-    Connections already accepted are sockets of their own: they never
-    notice.
-    """
-
-    _sock: socket.socket
-    _current: trio.SocketListener = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._current = _listener(self._sock)  # makes the socket non-blocking
-
-    async def accept(self) -> trio.SocketStream:
-        while True:
-            listener = self._current
-            try:
-                return await listener.accept()
-            except trio.ClosedResourceError:
-                if listener is self._current:
-                    raise  # closed for good, not swapped
-
-    async def accept_socket(self) -> socket.socket:
-        while True:
-            sock = self._sock
-            try:
-                return await accept_socket(sock)
-            except trio.ClosedResourceError:
-                if sock is self._sock:
-                    raise  # closed for good, not swapped
-
-    async def swap(self, new: socket.socket) -> None:
-        old, self._current, self._sock = self._current, _listener(new), new
-        await old.aclose()
-
-    async def aclose(self) -> None:
-        await self._current.aclose()
 
 
 def _nothing_to_reopen() -> None:
@@ -253,7 +206,7 @@ async def _serve(
             )
             upkeep.start_soon(
                 functools.partial(
-                    _keep_sockets,
+                    keep_sockets,
                     list(zip(sockets, listeners, strict=True)),
                     watcher=watcher,
                     rebound=exclude_own_sockets,
@@ -266,10 +219,6 @@ async def _serve(
         proxy.stop_accepting()
         await proxy.wait_stopped()
         root.cancel_scope.cancel()
-
-
-def _listener(sock: socket.socket) -> trio.SocketListener:
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 def _identities(sockets: Sockets) -> frozenset[tuple[int, int]]:
@@ -292,7 +241,7 @@ async def _handle_signals(
             try:
                 reopen_logs()  # first, so the lines about this SIGHUP go to the new file
             except OSError as exc:
-                log.error("switcher.daemon.log_reopen_failed", reason=_describe(exc))
+                log.error("switcher.daemon.log_reopen_failed", reason=describe(exc))
             log.info("switcher.daemon.sighup")
             refreshes.start_soon(_refresh, prober)
 
@@ -307,85 +256,6 @@ async def _refresh(prober: Prober) -> None:
     )
 
 
-@attrs.define(eq=False)
-class _Bell:
-    """Rung from synchronous code, awaited by one task; rings while nobody waits add up to one."""
-
-    _rung: trio.Event = attrs.Factory(trio.Event)
-
-    def ring(self) -> None:
-        self._rung.set()
-
-    async def wait(self) -> None:
-        await self._rung.wait()
-        self._rung = trio.Event()
-
-
-async def _keep_sockets(
-    sockets: list[tuple[ServedSocket, SwappableListener]],
-    *,
-    watcher: Watcher,
-    rebound: Callable[[], None],
-    stop: Callable[..., None],
-) -> None:
-    """Put back a socket of ours that has vanished from its path.
-
-    The watcher says when an entry named like one of our sockets leaves its
-    directory (or the directory goes); where it cannot watch, the probe
-    cycle asks instead, once per probe interval. No timer of our own. Each
-    loss is logged once. If another switcher has taken the path in the
-    meantime, it serves our clients now and we stop. Activated sockets are
-    systemd's to look after.
-    """
-    kept = [(served, listener) for served, listener in sockets if not served.is_activated]
-    if not kept:
-        return
-    bell = _Bell()
-    watcher.follow(
-        "sockets",
-        [Interest(str(served.path.parent), (served.path.name,)) for served, _ in kept],
-        bell.ring,
-    )
-    reported: dict[Path, str] = {}
-    while True:
-        await bell.wait()
-        for served, listener in kept:
-            # File-system calls, like every other, in a worker thread.
-            if await trio.to_thread.run_sync(served.in_place):
-                continue
-            try:
-                sock = await trio.to_thread.run_sync(served.rebind, LISTEN_BACKLOG)
-            except AlreadyRunningError as exc:
-                log.error("switcher.daemon.socket_lost", path=str(served.path), reason=str(exc))
-                stop(reason="socket_lost")
-                return
-            except (UnsafePathError, OSError) as exc:
-                # Tried again at the next change or probe cycle; said again
-                # only if the reason changes. A plain OSError (out of
-                # descriptors, a removal racing ours) is as passing as an
-                # unsafe path: neither stops the daemon.
-                reason = _describe(exc)
-                if reported.get(served.path) != reason:
-                    reported[served.path] = reason
-                    log.error(
-                        "switcher.daemon.socket_recreate_failed",
-                        path=str(served.path),
-                        reason=reason,
-                    )
-                continue
-            reported.pop(served.path, None)
-            await listener.swap(sock)
-            rebound()
-            log.warning("switcher.daemon.socket_recreated", path=str(served.path))
-
-
-def _describe(exc: Exception) -> str:
-    """The reason to log for a failure: the OS's words for an OSError, else the message."""
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
-
-
 def _notify(config: Config, *fields: str) -> None:
     """Tell systemd (when it runs us as a Type=notify service); never fatal."""
     if config.notify_socket is None:
@@ -393,4 +263,4 @@ def _notify(config: Config, *fields: str) -> None:
     try:
         _systemd.notify(config.notify_socket, "\n".join(fields))
     except OSError as exc:
-        log.warning("switcher.daemon.notify_failed", reason=_describe(exc))
+        log.warning("switcher.daemon.notify_failed", reason=describe(exc))
