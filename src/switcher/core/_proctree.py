@@ -20,6 +20,7 @@ The root is a parameter so that tests point it at fixture trees.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 
 import attrs
@@ -35,6 +36,9 @@ _WANTED = {
 # An initial environment can be as large as ARG_MAX allows (a few MiB); the
 # variables we want come from a login, which keeps them near the start.
 _ENVIRON_LIMIT = 256 * 1024
+
+# One read's size: a stat line is a few hundred bytes, an environment a few KiB.
+_READ_SIZE = 64 * 1024
 
 # How many ancestors are followed at most: real chains are a handful deep
 # (client, shell, tmux or sshd), this only bounds a corrupted view.
@@ -131,13 +135,22 @@ def parse_environ(data: bytes) -> dict[str, str]:
 
 
 def _read_at(dir_fd: int, name: str, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a /proc file.
+
+    procfs fills each read as far as it can, so a short read is the end:
+    a stat or a typical environment takes one system call, not two.
+    """
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         chunks: list[bytes] = []
         size = 0
-        while size < limit and (chunk := os.read(fd, min(65536, limit - size))):
+        while size < limit:
+            want = min(_READ_SIZE, limit - size)
+            chunk = os.read(fd, want)
             chunks.append(chunk)
             size += len(chunk)
+            if len(chunk) < want:
+                break
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -204,14 +217,20 @@ class ProcessTable:
 
     def boot_time(self) -> float | None:
         """When the machine booted, in seconds since the epoch (``btime`` in /proc/stat)."""
-        try:
-            with open(f"{self.root}/stat", "rb") as stat_file:
-                for line in stat_file:
-                    if line.startswith(b"btime "):
-                        return float(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            return None
+        return _boot_time(self.root)
+
+
+@functools.cache
+def _boot_time(root: str) -> float | None:
+    # Read once: the machine boots once per daemon.
+    try:
+        with open(f"{root}/stat", "rb") as stat_file:
+            for line in stat_file:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
         return None
+    return None
 
 
 def clock_ticks() -> int:
