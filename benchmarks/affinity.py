@@ -170,6 +170,16 @@ def run_in_pane(directory: Path, tmux_socket: Path, socket: Path, count: int) ->
     return latencies
 
 
+def chosen_by(log: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "switcher.proxy.connection_closed":
+            key = str(event.get("chosen_by"))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -201,6 +211,7 @@ def main() -> None:
                     inside = run_in_pane(directory, tmux_socket, socket, args.connections)
                     runs.setdefault(f"outside/{setting}", []).append(statistics.median(outside))
                     runs.setdefault(f"tmux/{setting}", []).append(statistics.median(inside))
+            chosen = {name: chosen_by(directory / f"{name}.log") for name in sockets}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     p50 = {name: statistics.median(values) * 1e3 for name, values in runs.items()}
@@ -212,6 +223,8 @@ def main() -> None:
             place: round(p50[f"{place}/on"] - p50[f"{place}/off"], 3)
             for place in ("outside", "tmux")
         },
+        # How the daemons chose, counted from their logs: proof that "on" did the lookups.
+        "chosen_by": chosen,
         "per_round_p50_ms": {
             name: [round(v * 1e3, 3) for v in values] for name, values in runs.items()
         },
@@ -221,9 +234,11 @@ def main() -> None:
         return
     for name, value in sorted(p50.items()):
         print(f"{name:12} p50 {value:.3f} ms")
+    print(f"chosen_by: {chosen}")
     for place in ("outside", "tmux"):
         added = p50[f"{place}/on"] - p50[f"{place}/off"]
-        print(f"affinity adds {added:+.3f} ms per connection {place} tmux")
+        where = "outside tmux" if place == "outside" else "inside tmux"
+        print(f"affinity adds {added:+.3f} ms per connection {where}")
 
 
 if __name__ == "__main__":
