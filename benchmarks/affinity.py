@@ -12,7 +12,10 @@ REQUEST_IDENTITIES (what ``ssh`` and ``ssh-add`` do), from two places:
 - inside tmux: a pane of a real tmux server, with one client attached (on
   a pty from ``script``) that was started from session B: affinity reads
   the pane's ancestry, asks tmux (cached for a quarter second), and reads
-  the tmux client's ancestry.
+  the tmux client's ancestry;
+- nowhere: outside tmux and any session (a local terminal, a cron job,
+  the other benchmarks' clients): no ancestor names a session's socket, so
+  affinity reads the whole ancestry and the ranking decides.
 
 Rounds interleave the four runs; figures are medians over rounds of the
 per-connection p50, and the added cost is on minus off, per place.
@@ -202,6 +205,8 @@ def main() -> None:
             tmux_socket = stack.enter_context(tmux(directory, a, b))
             outside_env = {**os.environ, "SSH_AUTH_SOCK": str(a)}
             outside_env.pop("TMUX", None)
+            # What a client of switcher outside any session has: its socket.
+            nowhere_env = {**outside_env, "SSH_AUTH_SOCK": str(sockets["off"])}
             for _ in range(2):  # warm-up: caches, imports, the daemons' first connections
                 for socket in sockets.values():
                     run_client(directory, socket, 50, env=outside_env)
@@ -209,8 +214,10 @@ def main() -> None:
                 for setting, socket in sockets.items():
                     outside = run_client(directory, socket, args.connections, env=outside_env)
                     inside = run_in_pane(directory, tmux_socket, socket, args.connections)
+                    nowhere = run_client(directory, socket, args.connections, env=nowhere_env)
                     runs.setdefault(f"outside/{setting}", []).append(statistics.median(outside))
                     runs.setdefault(f"tmux/{setting}", []).append(statistics.median(inside))
+                    runs.setdefault(f"nowhere/{setting}", []).append(statistics.median(nowhere))
             chosen = {name: chosen_by(directory / f"{name}.log") for name in sockets}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -221,7 +228,7 @@ def main() -> None:
         "p50_ms": {name: round(value, 3) for name, value in p50.items()},
         "added_ms": {
             place: round(p50[f"{place}/on"] - p50[f"{place}/off"], 3)
-            for place in ("outside", "tmux")
+            for place in ("outside", "tmux", "nowhere")
         },
         # How the daemons chose, counted from their logs: proof that "on" did the lookups.
         "chosen_by": chosen,
@@ -235,10 +242,14 @@ def main() -> None:
     for name, value in sorted(p50.items()):
         print(f"{name:12} p50 {value:.3f} ms")
     print(f"chosen_by: {chosen}")
-    for place in ("outside", "tmux"):
-        added = p50[f"{place}/on"] - p50[f"{place}/off"]
-        where = "outside tmux" if place == "outside" else "inside tmux"
-        print(f"affinity adds {added:+.3f} ms per connection {where}")
+    wheres = {
+        "outside": "outside tmux",
+        "tmux": "inside tmux",
+        "nowhere": "outside tmux and any session",
+    }
+    for place, where in wheres.items():
+        on, off = p50[f"{place}/on"], p50[f"{place}/off"]
+        print(f"affinity adds {on - off:+.3f} ms ({on / off - 1:+.0%}) per connection {where}")
 
 
 if __name__ == "__main__":
