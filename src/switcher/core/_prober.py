@@ -25,6 +25,7 @@ import attrs
 import structlog
 import trio
 
+from switcher.core._backend import Backend, Health, HealthChange, ProbeResult, Reconciled
 from switcher.core._discovery import ScanResult, ScanSettings, host_hash
 from switcher.core._loops import LOOP_REASON, LoopGuard
 from switcher.core._peer import (
@@ -41,14 +42,7 @@ from switcher.core._protocol import (
     identities_count,
     type_name,
 )
-from switcher.core._registry import (
-    Backend,
-    Health,
-    HealthChange,
-    ProbeResult,
-    Reconciled,
-    Registry,
-)
+from switcher.core._registry import Registry
 from switcher.core._relaysocket import RelaySocket
 from switcher.core._scanner import ScanFunction, Scanner, scan_in_thread
 from switcher.core._watcher import Interest, Watcher

@@ -23,8 +23,9 @@ import attrs
 import structlog
 import trio
 
+from switcher.core._backend import Backend, Reconciled
 from switcher.core._discovery import ScanResult, ScanSettings, scan
-from switcher.core._registry import Backend, Reconciled, Registry
+from switcher.core._registry import Registry
 
 log = structlog.get_logger()
 
