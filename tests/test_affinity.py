@@ -314,3 +314,33 @@ async def test_an_agent_named_for_pid_one_is_nobodys_session(proc: FakeProc) -> 
     one, other = backend("/tmp/ssh-AAAAAAAAAA/agent.1"), backend("/tmp/ssh-BBBBBBBBBB/agent.7")
     decision = await decide(proc, 101, other, one)
     assert outcome(decision) == ("rank", None, None, None)
+
+
+class TestEdges:
+    async def test_a_session_agent_that_is_not_usable_among_three(self, proc: FakeProc) -> None:
+        """With two other agents usable, a session whose own agent is dead gets the ranking."""
+        two_sessions(proc, LEGACY)
+        b, a = backends(LEGACY)
+        third = backend("/tmp/ssh-CCCCCCCCCC/agent.300", appeared=3.0)
+        decision = await decide(proc, 150, third, b, attrs.evolve(a, health=Health.DEAD))
+        assert outcome(decision) == ("rank", None, None, None)
+        assert decision.steps[-1] == "that agent is not usable: the ranking decides"
+
+    async def test_a_tmux_server_with_no_client_at_all(self, proc: FakeProc) -> None:
+        """A detached tmux (nobody attached anywhere): the ranking, as today."""
+        two_sessions(proc, LEGACY)
+        tmux_from_a(proc, LEGACY)
+        decision = await decide(proc, 550, *backends(LEGACY), tmux=Tmux(tmux_says(proc)))
+        assert outcome(decision) == ("rank", None, None, None)
+        assert decision.steps[-1] == "no tmux client at all: the ranking decides"
+
+    async def test_a_lookup_that_takes_too_long_gives_the_ranking(self, proc: FakeProc) -> None:
+        """The whole lookup is bounded too, whatever part of it stalls."""
+        two_sessions(proc, LEGACY)
+        tmux_from_a(proc, LEGACY)
+        query = TmuxQuery(run=Tmux(hang=True), timeout=60)
+        slow = Affinity(ProcessTable(uid=proc.uid, root=str(proc.root)), query, timeout=0.05)
+        with trio.fail_after(10):
+            decision = await slow.decide(550, snapshot(*backends(LEGACY)))
+        assert outcome(decision) == ("rank", None, None, None)
+        assert decision.steps[-1] == "the lookup took too long: the ranking decides"
