@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from switcher.core._backend import Backend, Health, Snapshot, backend_id
 from switcher.core._discovery import Layout
-from switcher.core._registry import Backend, Health, Snapshot, backend_id
 
 # When the tests run as root, "our" processes belong to this uid, sshd's session process
 # to root (not dumpable), and another user's to OTHER_UID.

@@ -16,8 +16,8 @@ import trio
 
 from fakeproc import FakeProc, backend, snapshot
 from switcher.core._affinity import Affinity, ChosenBy, Decision, match_session
+from switcher.core._backend import Backend, Health
 from switcher.core._proctree import ProcessTable
-from switcher.core._registry import Backend, Health
 from switcher.core._tmux import TmuxQuery
 
 SWITCHER = "/tmp/switcher-4242/agent.sock"

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from switcher.core._backend import Backend, Health, Kind, Snapshot
 from switcher.core._discovery import Layout
 from switcher.core._proctree import Chain, Process, ProcessTable, Stop, clock_ticks
-from switcher.core._registry import Backend, Health, Kind, Snapshot
 from switcher.core._tmux import TmuxClient, TmuxQuery
 
 # The whole lookup (reading /proc, asking tmux) gets this long before the

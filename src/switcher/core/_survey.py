@@ -15,8 +15,8 @@ import attrs
 import trio
 
 from switcher.core._affinity import match_session
+from switcher.core._backend import Backend, Snapshot
 from switcher.core._proctree import Chain, Process, ProcessTable, Stop
-from switcher.core._registry import Backend, Snapshot
 from switcher.core._tmux import TmuxClient, TmuxQuery
 
 # Linux's Unix98 pty majors (Documentation/admin-guide/devices.txt): 136-143.
