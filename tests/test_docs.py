@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from procs import run_cli
 from switcher.cli._main import _build_parser
 from switcher.config import default_of
 
@@ -64,3 +65,19 @@ class TestReadme:
         command = next(b.strip() for b in blocks if "nox" in b)
         ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
         assert ci[-1] == command
+
+
+class TestHelp:
+    def test_daemon_help_shows_configs_defaults(self) -> None:
+        """`switcher daemon --help` reads its defaults from Config: flags and signals alike."""
+        result = run_cli("daemon", "--help")
+        text = " ".join(result.stdout.split())
+        shown = [
+            f"how often every agent is probed (default: {default_of('probe_interval'):g})",
+            f"marks its agent slow (default: {default_of('probe_timeout'):g})",
+            f"or error (default: {default_of('log_level')})",
+            f"--log-file (default: {default_of('log_format')})",
+            f"(default: {':'.join(str(d) for d in default_of('agents_dirs'))})",  # type: ignore[attr-defined]
+            f"give open connections {default_of('grace'):g} s, exit 0",
+        ]
+        assert (result.returncode, [s for s in shown if s not in text]) == (0, [])
