@@ -7,6 +7,7 @@ environment holds the forwarded socket, and clients below it.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -273,6 +274,35 @@ class TestTmux:
         proc.add(501, 500, start=TMUX_START, env={"SSH_AUTH_SOCK": LEGACY.a})
         decision = await decide(proc, 501, *backends(LEGACY))
         assert outcome(decision) == ("rank", None, None, None)
+
+
+class TestRememberedDecisions:
+    """A client process's decision is reused for its next connections, for a short while."""
+
+    @pytest.mark.parametrize(
+        ("lifetime", "fresh", "new_version", "expected"),
+        [
+            (3600.0, False, False, "session"),  # within the lifetime: remembered
+            (0.0, False, False, "rank"),  # expired: read again
+            (3600.0, True, False, "rank"),  # `ctl why` asks afresh
+            (3600.0, False, True, "rank"),  # the registry changed: read again
+        ],
+        ids=["remembered", "expired", "fresh", "registry-changed"],
+    )
+    async def test_a_second_connection_reads_proc_only_when_it_must(
+        self, proc: FakeProc, lifetime: float, fresh: bool, new_version: bool, expected: str
+    ) -> None:
+        """After the first decision the client's /proc entry vanishes: a remembered
+        decision still names its session; one read again finds the process gone."""
+        two_sessions(proc, LEGACY)
+        chooser = attrs.evolve(affinity(proc), lifetime=lifetime)
+        first_snapshot = snapshot(*backends(LEGACY))
+        with trio.fail_after(10):
+            first = await chooser.decide(150, first_snapshot)
+            shutil.rmtree(proc.root / "150")
+            later = attrs.evolve(first_snapshot, version=2) if new_version else first_snapshot
+            second = await chooser.decide(150, later, fresh=fresh)
+        assert (first.chosen_by.value, second.chosen_by.value) == ("session", expected)
 
 
 class TestWhenTheLookupRuns:

@@ -27,7 +27,7 @@ import trio
 from switcher.core._backend import Backend, Health, Kind, Snapshot
 from switcher.core._discovery import Layout
 from switcher.core._proctree import Chain, Process, ProcessTable, Stop, clock_ticks
-from switcher.core._tmux import TmuxClient, TmuxQuery
+from switcher.core._tmux import CACHE_LIFETIME, TmuxClient, TmuxQuery
 
 # The whole lookup (reading /proc, asking tmux) gets this long before the
 # connection goes ahead with the ranking: it is a preference, not worth a wait.
@@ -36,6 +36,18 @@ LOOKUP_TIMEOUT = 2.0
 # tmux reports client_created in whole seconds: a client's process may have
 # started up to this long before that (same second, rounded down, a slow exec).
 _CREATED_SLACK = 2.0
+
+# A client process's decision stands this long for its next connections, as
+# long as the registry does not change: as long as tmux's own answer is
+# trusted. A process that opens many connections (a pool of workers, a
+# program using an agent library) reads its ancestry once per this period,
+# not once per connection; each new process (each `ssh`) still reads it.
+# A pid reused within that time (by a process of a uid allowed to connect)
+# gets the previous process's preference among the usable agents: as stale
+# as tmux's cached answer may be, and no more.
+DECISION_LIFETIME = CACHE_LIFETIME
+# Decisions remembered at most (expired ones are dropped first).
+_REMEMBERED_MAX = 1024
 
 _ELIGIBLE = frozenset({Health.HEALTHY, Health.SLOW})
 
@@ -187,6 +199,9 @@ class Affinity:
     processes: ProcessTable
     tmux: TmuxQuery = attrs.Factory(TmuxQuery)
     timeout: float = LOOKUP_TIMEOUT
+    lifetime: float = DECISION_LIFETIME
+    # Recent decisions: pid -> (when, the snapshot's version, the decision).
+    _remembered: dict[int, tuple[float, int, Decision]] = attrs.Factory(dict)
 
     @classmethod
     def for_own_processes(cls) -> Affinity:
@@ -204,6 +219,12 @@ class Affinity:
             if plain.chosen_by is ChosenBy.PIN:
                 return plain
             return attrs.evolve(plain, steps=("fewer than two usable agents: the ranking decides",))
+        now = trio.current_time()
+        remembered = None if fresh else self._remembered.get(pid)
+        if remembered is not None:
+            when, version, known = remembered
+            if version == snapshot.version and now - when < self.lifetime:
+                return known
         steps: list[str] = []
         decision = None
         with trio.move_on_after(self.timeout):
@@ -211,7 +232,18 @@ class Affinity:
         if decision is None:
             steps.append("the lookup took too long: the ranking decides")
             decision = RANK
-        return attrs.evolve(decision, steps=tuple(steps))
+        decided = attrs.evolve(decision, steps=tuple(steps))
+        self._remember(pid, now, snapshot.version, decided)
+        return decided
+
+    def _remember(self, pid: int, now: float, version: int, decision: Decision) -> None:
+        if len(self._remembered) >= _REMEMBERED_MAX:
+            self._remembered = {
+                p: entry for p, entry in self._remembered.items() if now - entry[0] < self.lifetime
+            }
+            if len(self._remembered) >= _REMEMBERED_MAX:
+                self._remembered.clear()
+        self._remembered[pid] = (now, version, decision)
 
     async def _decide(
         self,
