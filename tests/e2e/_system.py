@@ -203,13 +203,22 @@ def sweep_user(account: UserAccount) -> None:
 def forwarded_agent_sockets(account: UserAccount) -> list[Path]:
     """List the agent sockets sshd forwarded for this user (OpenSSH before 10.1 layout)."""
     found: list[Path] = []
-    for path in Path("/tmp").glob("ssh-*/agent.*"):
+    # Not Path.glob: sshd removes a session's directory while we list it.
+    for directory in Path("/tmp").glob("ssh-*"):
         try:
-            info = path.lstat()
-        except FileNotFoundError:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        if info.st_uid == account.uid and stat.S_ISSOCK(info.st_mode):
-            found.append(path)
+        for name in names:
+            path = directory / name
+            if not name.startswith("agent."):
+                continue
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                continue
+            if info.st_uid == account.uid and stat.S_ISSOCK(info.st_mode):
+                found.append(path)
     return sorted(found)
 
 

@@ -50,7 +50,8 @@ async def attach(
     session may have appeared since the last one); and last, before telling
     the client FAILURE, the ones judged dead, since a judgement can be stale
     (a socket probed between sshd's bind() and listen() looks dead until the
-    next probe).
+    next probe), with any session that appeared meanwhile. The ranking is
+    read afresh for every candidate, never from a list made before a wait.
 
     With ``loops``, an agent nobody has probed yet might lead back here: a
     client waits for a check of it in flight, or checks it on the new
@@ -62,14 +63,14 @@ async def attach(
     for attempt in ("usable", "rescanned", "dead"):
         if attempt == "rescanned":
             await rescan()
-        snapshot = registry.snapshot()
-        usable = _first(snapshot.usable, preferred)
-        candidates = snapshot.dead if attempt == "dead" else usable
-        for candidate in candidates:
-            if candidate.id in tried:
-                continue
+        skipped: set[str] = set()  # passed over in this attempt, not tried
+        # The ranking is read again before each candidate: waiting for a loop
+        # check or a connect takes time, and a session that appeared meanwhile
+        # must be seen now, not after the one we waited for has gone too.
+        while (candidate := _next(registry, attempt, preferred, tried | skipped)) is not None:
             backend = await _vetted(loops, registry, candidate, binding=binding)
             if backend is None:
+                skipped.add(candidate.id)
                 continue
             tried.add(backend.id)
             try:
@@ -137,6 +138,18 @@ async def _leads_elsewhere(
     if looped:
         registry.record_probe(backend.id, ProbeResult(Health.LOOP, error=LOOP_REASON))
     return False
+
+
+def _next(
+    registry: Registry, attempt: str, preferred: str | None, passed: set[str]
+) -> Backend | None:
+    """The best agent of this attempt's pool that has not been passed over yet."""
+    snapshot = registry.snapshot()
+    pool = _first(snapshot.usable, preferred)
+    if attempt == "dead":
+        # The last resort: the dead, and any session that appeared since.
+        pool += snapshot.dead
+    return next((b for b in pool if b.id not in passed), None)
 
 
 def _first(backends: tuple[Backend, ...], preferred: str | None) -> tuple[Backend, ...]:
