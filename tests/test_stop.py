@@ -114,6 +114,37 @@ class TestStop:
             "switcher.daemon.stopped",
         ]
 
+    async def test_a_second_stop_while_draining_stops_it_once(
+        self, short_tmp: Path, daemons: list[Daemon]
+    ) -> None:
+        """A stop that arrives while the daemon already drains for another is not a second
+        shutdown: both callers see it exit, and the log says "stopping" once."""
+        agent = FakeAgent("one")
+        results: list[int] = []
+
+        async def stop(daemon: Daemon) -> None:
+            status, _, _ = await switcher("stop", "--control-path", str(daemon.control_path))
+            results.append(status)
+
+        with trio.fail_after(HANG_GUARD_S):
+            async with trio.open_nursery() as nursery:
+                session = short_tmp / "agents" / "ssh-0000000001"
+                session.mkdir(parents=True, mode=0o700)
+                await nursery.start(agent.serve_unix, str(session / "agent.1"))
+                daemon = await start_daemon(short_tmp, agents=[short_tmp / "agents"])
+                daemons.append(daemon)
+                client = AgentClient(await trio.open_unix_socket(str(daemon.socket_path)))
+                # The open client keeps the daemon draining (for its grace) meanwhile.
+                async with trio.open_nursery() as stops, client.stream:
+                    assert await client.request(MessageType.REQUEST_IDENTITIES)
+                    stops.start_soon(stop, daemon)
+                    while b"STOPPING=1" not in (await daemon.notify.recv(4096)).split(b"\n"):
+                        pass
+                    stops.start_soon(stop, daemon)
+                    await daemon.process.wait()
+                nursery.cancel_scope.cancel()
+        assert (results, events(daemon).count("switcher.daemon.stopping")) == ([0, 0], 1)
+
     async def test_finds_the_daemon_from_its_socket_path(
         self, short_tmp: Path, daemons: list[Daemon]
     ) -> None:

@@ -158,6 +158,8 @@ async def _serve(
         stopping = trio.Event()
 
         def stop(**why: object) -> None:
+            if stopping.is_set():
+                return  # a SIGTERM and a `switcher stop` together stop it once
             log.info("switcher.daemon.stopping", **why, open_connections=proxy.active_connections)
             stopping.set()
 
