@@ -88,7 +88,7 @@ async def make_rig(
     settings = ScanSettings((str(tmp_path / "none"),), uid=0, host_hash=host_hash())
     control = ControlService(
         registry,
-        Prober(registry, settings),
+        Prober(registry, settings, interval=5.0, probe_timeout=2.0),
         DaemonInfo(1, tmp_path / "s.sock", tmp_path / "c.sock", ("/x",), time.monotonic()),
         proxy_statistics=no_traffic,
         request_stop=lambda: None,

@@ -101,7 +101,7 @@ async def service(short_tmp: Path) -> AsyncIterator[Service]:
     stop_requested = trio.Event()
     control = ControlService(
         registry,
-        Prober(registry, settings),
+        Prober(registry, settings, interval=5.0, probe_timeout=2.0),
         DaemonInfo(1, short_tmp / "s.sock", short_tmp / "c.sock", ("/x",), time.monotonic()),
         proxy_statistics=no_traffic,
         request_stop=stop_requested.set,

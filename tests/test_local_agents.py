@@ -400,6 +400,8 @@ class TestProber:
             ScanSettings((), uid=0, host_hash="h"),
             scan_dirs=scan_dirs,
             probe_path=probe_path,
+            interval=5.0,
+            probe_timeout=2.0,
         )
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
@@ -569,6 +571,7 @@ class TestReturningAgent:
             scan_dirs=scan_dirs,
             probe_path=probe_path,
             interval=1000.0,  # no periodic probe during the test: only the scan's
+            probe_timeout=2.0,
         )
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:

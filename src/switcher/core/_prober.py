@@ -52,12 +52,6 @@ log = structlog.get_logger()
 # The watcher's name for the prober's interests (the agents dirs).
 _OWNER = "agents"
 
-# A probe that gets no answer in this time marks its backend slow, not
-# dead: ssh-agent is single-threaded, so a confirmation prompt or a
-# hardware-key touch on another connection stalls our probe too.
-DEFAULT_PROBE_TIMEOUT = 2.0
-DEFAULT_PROBE_INTERVAL = 5.0
-
 
 async def probe(
     path: str, *, refuse_pid: int | None, loops: LoopGuard | None = None
@@ -150,8 +144,11 @@ class _Probe:
 class Prober:
     registry: Registry
     _settings: ScanSettings
-    interval: float = DEFAULT_PROBE_INTERVAL
-    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    # How often, and how patiently: no defaults here, they are Config's. A
+    # probe unanswered in time marks its agent slow, not dead: ssh-agent is
+    # single-threaded, so a prompt or a key touch elsewhere stalls it too.
+    interval: float = attrs.field(kw_only=True)
+    probe_timeout: float = attrs.field(kw_only=True)
     refuse_pid: int | None = attrs.Factory(os.getpid)
     # Without inotify (the default here; the daemon passes a real one) every
     # probe cycle rescans.

@@ -23,12 +23,13 @@ import structlog
 import trio
 
 from switcher.core._affinity import Decision, without_lookup
+from switcher.core._backend import Backend, Snapshot
 from switcher.core._hangup import HangupWatch
 from switcher.core._loops import LoopGuard, is_session_bind
 from switcher.core._outcome import ConnectionResult, Outcome, Tally
 from switcher.core._peer import describe_os_error
 from switcher.core._protocol import FAILURE_FRAME, Frame, FrameDecoder, FrameError, type_name
-from switcher.core._registry import Backend, Registry, Snapshot
+from switcher.core._registry import Registry
 from switcher.core._relaysocket import RelayStream, close_quietly, peer_closed
 from switcher.core._upstream import Connector, Rescan, attach
 
