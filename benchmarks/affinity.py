@@ -15,9 +15,12 @@ REQUEST_IDENTITIES (what ``ssh`` and ``ssh-add`` do), from two places:
   the tmux client's ancestry;
 - nowhere: outside tmux and any session (a local terminal, a cron job,
   the other benchmarks' clients): no ancestor names a session's socket, so
-  affinity reads the whole ancestry and the ranking decides.
+  affinity reads the whole ancestry and the ranking decides;
+- fresh: the same place, but each connection from a new process (a fork
+  of the client, as each ``ssh`` and ``ssh-add`` is one): no decision is
+  remembered for it, only what is known of its ancestors.
 
-Rounds interleave the four runs; figures are medians over rounds of the
+Rounds interleave the runs; figures are medians over rounds of the
 per-connection p50, and the added cost is on minus off, per place.
 """
 
@@ -35,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +56,34 @@ with open({out!r} + ".part", "w") as f:
 import os
 os.rename({out!r} + ".part", {out!r})
 """
+
+# The same, but each connection from a new process: a fork that connects once
+# and hands its latency back through a pipe.
+_FORKING_CLIENT = """
+import json, os, struct, sys
+sys.path.insert(0, {here!r})
+import agentbench as ab
+request = ab.identities_request()
+latencies = []
+for _ in range({count}):
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        [latency] = ab.new_connection_each({socket!r}, request, 1)
+        os.write(write_end, struct.pack("d", latency))
+        os._exit(0)
+    os.close(write_end)
+    data = os.read(read_end, 8)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    latencies.append(struct.unpack("d", data)[0])
+with open({out!r} + ".part", "w") as f:
+    json.dump(latencies, f)
+os.rename({out!r} + ".part", {out!r})
+"""
+
+PLACES = ("outside", "tmux", "nowhere", "fresh")
 
 
 def wait_for(condition: Callable[[], object], what: str) -> None:
@@ -151,9 +183,13 @@ def tmux(directory: Path, session_a: Path, session_b: Path) -> Iterator[Path]:
         client.wait()
 
 
-def run_client(directory: Path, socket: Path, count: int, *, env: dict[str, str]) -> list[float]:
+def run_client(
+    directory: Path, socket: Path, count: int, *, env: dict[str, str], forking: bool = False
+) -> list[float]:
     out = directory / "out.json"
-    code = _CLIENT.format(here=str(HERE), socket=str(socket), count=count, out=str(out))
+    code = (_FORKING_CLIENT if forking else _CLIENT).format(
+        here=str(HERE), socket=str(socket), count=count, out=str(out)
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     latencies: list[float] = json.loads(out.read_text())
     out.unlink()
@@ -188,7 +224,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--places", default=",".join(PLACES), help=f"which clients, of {', '.join(PLACES)}"
+    )
     args = parser.parse_args()
+    places = [place for place in PLACES if place in args.places.split(",")]
     for tool in ("ssh-agent", "ssh-add", "ssh-keygen", "tmux", "script"):
         if shutil.which(tool) is None:
             sys.exit(f"benchmarks/affinity.py needs {tool}")
@@ -210,14 +250,22 @@ def main() -> None:
             for _ in range(2):  # warm-up: caches, imports, the daemons' first connections
                 for socket in sockets.values():
                     run_client(directory, socket, 50, env=outside_env)
+            n = args.connections
             for _ in range(args.rounds):
                 for setting, socket in sockets.items():
-                    outside = run_client(directory, socket, args.connections, env=outside_env)
-                    inside = run_in_pane(directory, tmux_socket, socket, args.connections)
-                    nowhere = run_client(directory, socket, args.connections, env=nowhere_env)
-                    runs.setdefault(f"outside/{setting}", []).append(statistics.median(outside))
-                    runs.setdefault(f"tmux/{setting}", []).append(statistics.median(inside))
-                    runs.setdefault(f"nowhere/{setting}", []).append(statistics.median(nowhere))
+                    clients = {
+                        "outside": partial(run_client, directory, socket, n, env=outside_env),
+                        "tmux": partial(run_in_pane, directory, tmux_socket, socket, n),
+                        "nowhere": partial(run_client, directory, socket, n, env=nowhere_env),
+                        "fresh": partial(
+                            run_client, directory, socket, n, env=nowhere_env, forking=True
+                        ),
+                    }
+                    for place in places:
+                        latencies = clients[place]()
+                        runs.setdefault(f"{place}/{setting}", []).append(
+                            statistics.median(latencies)
+                        )
             chosen = {name: chosen_by(directory / f"{name}.log") for name in sockets}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -226,10 +274,7 @@ def main() -> None:
         "rounds": args.rounds,
         "connections": args.connections,
         "p50_ms": {name: round(value, 3) for name, value in p50.items()},
-        "added_ms": {
-            place: round(p50[f"{place}/on"] - p50[f"{place}/off"], 3)
-            for place in ("outside", "tmux", "nowhere")
-        },
+        "added_ms": {place: round(p50[f"{place}/on"] - p50[f"{place}/off"], 3) for place in places},
         # How the daemons chose, counted from their logs: proof that "on" did the lookups.
         "chosen_by": chosen,
         "per_round_p50_ms": {
@@ -246,8 +291,10 @@ def main() -> None:
         "outside": "outside tmux",
         "tmux": "inside tmux",
         "nowhere": "outside tmux and any session",
+        "fresh": "outside tmux and any session, a new process each",
     }
-    for place, where in wheres.items():
+    for place in places:
+        where = wheres[place]
         on, off = p50[f"{place}/on"], p50[f"{place}/off"]
         print(f"affinity adds {on - off:+.3f} ms ({on / off - 1:+.0%}) per connection {where}")
 
