@@ -26,6 +26,7 @@ import trio
 
 from switcher.core._backend import Backend, Health, Kind, Snapshot
 from switcher.core._discovery import Layout
+from switcher.core._known import KnownProcesses
 from switcher.core._proctree import Chain, Process, ProcessTable, Stop, clock_ticks
 from switcher.core._tmux import CACHE_LIFETIME, TmuxClient, TmuxQuery
 
@@ -202,6 +203,10 @@ class Affinity:
     lifetime: float = DECISION_LIFETIME
     # Recent decisions: pid -> (when, the snapshot's version, the decision).
     _remembered: dict[int, tuple[float, int, Decision]] = attrs.Factory(dict)
+    # Ancestors read before, each checked to be the same process when used.
+    known: KnownProcesses = attrs.Factory(
+        lambda self: KnownProcesses(self.processes), takes_self=True
+    )
 
     @classmethod
     def for_own_processes(cls) -> Affinity:
@@ -254,7 +259,7 @@ class Affinity:
         *,
         fresh: bool,
     ) -> Decision:
-        chain = await trio.to_thread.run_sync(self.processes.chain, pid, abandon_on_cancel=True)
+        chain = await self._chain(pid, fresh=fresh)
         first = chain.processes[0] if chain.processes else None
         if first is None:
             steps.append(f"process {pid} is not yours or is gone: the ranking decides")
@@ -281,6 +286,11 @@ class Affinity:
             steps.append("that agent is not usable: the ranking decides")
             return RANK
         return Decision(ChosenBy.SESSION, match.backend, sshd_pid=match.sshd_pid)
+
+    async def _chain(self, pid: int, *, fresh: bool) -> Chain:
+        if fresh:  # `ctl why`: everything read afresh
+            return await trio.to_thread.run_sync(self.processes.chain, pid, abandon_on_cancel=True)
+        return await self.known.ancestry(pid)
 
     async def _by_tmux(
         self,
@@ -312,7 +322,7 @@ class Affinity:
         latest = max(c.activity for c in pool)
         tied = sorted((c for c in pool if c.activity == latest), key=lambda c: c.tty)
         matches = await trio.to_thread.run_sync(
-            self._client_sessions, tied, snapshot, abandon_on_cancel=True
+            self._client_sessions, tied, snapshot, fresh, abandon_on_cancel=True
         )
         best: tuple[TmuxClient, SessionMatch] | None = None
         for client, match in matches:
@@ -333,14 +343,14 @@ class Affinity:
         )
 
     def _client_sessions(
-        self, clients: Sequence[TmuxClient], snapshot: Snapshot
+        self, clients: Sequence[TmuxClient], snapshot: Snapshot, fresh: bool
     ) -> list[tuple[TmuxClient, SessionMatch | None]]:
         """Each client's session; a pid now held by another process counts as none."""
         boot = self.processes.boot_time()
         ticks = clock_ticks()
         found: list[tuple[TmuxClient, SessionMatch | None]] = []
         for client in clients:
-            chain = self.processes.chain(client.pid)
+            chain = (self.processes if fresh else self.known).chain(client.pid)
             process = chain.processes[0] if chain.processes else None
             genuine = (
                 process is not None

@@ -165,6 +165,20 @@ class ProcessTable:
 
     def read(self, pid: int) -> Process | None:
         """One process, if it exists, is ours (and dumpable) and could be read."""
+        opened = self.read_keeping(pid)
+        if opened is None:
+            return None
+        process, dir_fd = opened
+        os.close(dir_fd)
+        return process
+
+    def read_keeping(self, pid: int) -> tuple[Process | None, int] | None:
+        """Like ``read``, but also hands over the open ``/proc/PID`` descriptor.
+
+        None when there is nothing to hold (no such process, or it could not
+        be read); (None, descriptor) for a process that is not ours. The
+        descriptor keeps standing for that one process: see ``alive``.
+        """
         if pid <= 0:
             return None
         try:
@@ -173,16 +187,29 @@ class ProcessTable:
             return None
         try:
             if os.fstat(dir_fd).st_uid != self.uid:
-                return None  # another user's, or not dumpable: never read further
+                return None, dir_fd  # another user's, or not dumpable: never read further
             stat_pid, comm, ppid, tty, start = parse_stat(_read_at(dir_fd, "stat", 4096))
             environ = parse_environ(_read_at(dir_fd, "environ", _ENVIRON_LIMIT))
         except (OSError, ValueError, IndexError):
-            return None  # exited, or an entry we cannot make sense of
-        finally:
             os.close(dir_fd)
+            return None  # exited, or an entry we cannot make sense of
         if stat_pid != pid:
+            os.close(dir_fd)
             return None
-        return Process(pid=pid, ppid=ppid, start=start, comm=comm, tty=tty, **environ)
+        process = Process(pid=pid, ppid=ppid, start=start, comm=comm, tty=tty, **environ)
+        return process, dir_fd
+
+    def alive(self, dir_fd: int, *, ours: bool) -> bool:
+        """Whether the process behind a ``read_keeping`` descriptor still runs, as ours or not.
+
+        One system call: once the process is gone, its directory is empty,
+        even if the pid now belongs to another process.
+        """
+        try:
+            owner = os.stat("stat", dir_fd=dir_fd).st_uid
+        except OSError:
+            return False
+        return (owner == self.uid) is ours
 
     def chain(self, pid: int) -> Chain:
         """``pid`` and its ancestors, as far as they are ours; empty if ``pid`` is not."""
