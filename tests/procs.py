@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -180,10 +181,26 @@ needs_root_to_look_inside = pytest.mark.skipif(
 # little longer than the daemon needs, rarely enough to cost it nothing.
 _POLL_INTERVAL = 0.05
 
+# A descriptor of a process's /proc directory, as readlink shows it.
+_PROC_DIR = re.compile(r"/proc/[0-9]+")
+
 
 def open_fds(pid: int) -> int:
-    """How many file descriptors the process holds open now."""
-    return sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+    """How many file descriptors the process holds open now.
+
+    Not counted: ``/proc/PID`` directories, which session affinity keeps open
+    for the client ancestors it remembers (at most ``KNOWN_MAX``, each let go
+    once its process exits): they are not connections that failed to close.
+    """
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except FileNotFoundError:
+            continue  # closed while we looked
+        if not _PROC_DIR.fullmatch(target):
+            count += 1
+    return count
 
 
 def fd_targets(pid: int) -> list[str]:
