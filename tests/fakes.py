@@ -11,7 +11,7 @@ import contextlib
 import enum
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -39,6 +39,25 @@ class Behaviour(enum.Enum):
     TRUNCATE = "truncate"  # sends half a reply, then closes (an agent dying mid-reply)
     DIE_AFTER_FIRST = "die_after_first"  # answers one request, then closes
     DIE_ON_SIGN = "die_on_sign"  # healthy to probes, but cuts a signature short
+
+
+async def serve_unix(
+    serve: Callable[[trio.SocketStream], Awaitable[object]],
+    path: str,
+    *,
+    task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on a real Unix socket at ``path``, ``serve`` each client, until cancelled."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    async with trio.open_nursery() as nursery:
+        task_status.started(listener)
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(serve, stream)
 
 
 @attrs.define(eq=False)
@@ -109,16 +128,7 @@ class FakeAgent:
         task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on a real Unix socket at ``path`` until cancelled."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(64)
-        listener = trio.SocketListener(sock)
-        async with trio.open_nursery() as nursery:
-            task_status.started(listener)
-            async with listener:
-                while True:
-                    stream = await listener.accept()
-                    nursery.start_soon(self.serve, stream)
+        await serve_unix(self.serve, path, task_status=task_status)
 
 
 @attrs.define(eq=False)
@@ -278,13 +288,4 @@ class LoopAgent:
         task_status: trio.TaskStatus[trio.SocketListener] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on a real Unix socket at ``path`` until cancelled."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        await sock.bind(path)
-        sock.listen(64)
-        listener = trio.SocketListener(sock)
-        async with trio.open_nursery() as nursery:
-            task_status.started(listener)
-            async with listener:
-                while True:
-                    stream = await listener.accept()
-                    nursery.start_soon(self.serve, stream)
+        await serve_unix(self.serve, path, task_status=task_status)

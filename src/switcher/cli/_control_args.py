@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from switcher.cli._parser import positive_seconds
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -99,7 +101,7 @@ def add_parsers(subparsers: Subparsers) -> None:
     _add_target_options(stop, suppress=False)
     stop.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=DEFAULT_STOP_TIMEOUT_S,
         metavar="SECONDS",
         help=f"how long to wait for it to exit (default: {DEFAULT_STOP_TIMEOUT_S:g})",
@@ -172,14 +174,4 @@ def _pid(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 86400:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
     return value

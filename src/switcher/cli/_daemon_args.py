@@ -10,6 +10,7 @@ import argparse
 import os
 
 from switcher.cli._configdefault import ConfigDefault
+from switcher.cli._parser import positive_seconds
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -63,16 +64,6 @@ def _path(text: str) -> Path:
     from pathlib import Path
 
     return Path(text)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 86400:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
-    return value
 
 
 def _agents_dirs(text: str) -> tuple[str, ...]:
@@ -220,14 +211,14 @@ def add_daemon_options(
         ),
         parser.add_argument(
             "--probe-interval",
-            type=_positive_seconds,
+            type=positive_seconds,
             default=from_config("probe_interval"),
             metavar="SECONDS",
             help="how often every agent is probed (default: {config.probe_interval})",
         ),
         parser.add_argument(
             "--probe-timeout",
-            type=_positive_seconds,
+            type=positive_seconds,
             default=from_config("probe_timeout"),
             metavar="SECONDS",
             help="a probe unanswered this long marks its agent slow "

@@ -105,3 +105,14 @@ class Parser(argparse.ArgumentParser):
         if unknown and message.startswith("the following arguments are required"):
             message = f"unrecognized arguments: {' '.join(unknown)}"
         super().error(message)
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds, more than 0 and less than a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
+    return value
