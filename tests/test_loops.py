@@ -31,6 +31,12 @@ from world import World, answer, chosen, identities
 
 FAILURE = encode(MessageType.FAILURE)
 
+# The world's 0.2 s probe timeout is for tests of slow agents. A loop check
+# here crosses the daemon twice in this very process, and on a loaded machine
+# that can take longer: a probe that times out in its check leaves the loop
+# unchecked (slow) until the next cycle, an hour away in the world.
+CHECK_PATIENCE_S = 10.0
+
 
 def looped(path: Path) -> Callable[[Snapshot], bool]:
     def check(snapshot: Snapshot) -> bool:
@@ -53,7 +59,7 @@ class TestLoopFound:
         real = FakeAgent("real")
         with trio.fail_after(20):
             real_path, _ = await world.start_agent(real)
-            await world.start_daemon()
+            await world.start_daemon(probe_timeout=CHECK_PATIENCE_S)
             await world.wait_until(chosen(real_path))
             _, loop_path, _ = await start_loop(world)
             snapshot = await world.wait_until(looped(loop_path))
@@ -69,7 +75,7 @@ class TestLoopFound:
         """With only a loop there (not yet probed when the requests come), every request
         is answered, FAILURE at worst: none waits on its own chain."""
         with trio.fail_after(20):
-            await world.start_daemon()
+            await world.start_daemon(probe_timeout=CHECK_PATIENCE_S)
             _, loop_path, _ = await start_loop(world)
             replies = [await identities(world) for _ in range(12)]
             await world.wait_until(looped(loop_path))
@@ -81,7 +87,7 @@ class TestLoopFound:
         real = FakeAgent("real")
         with trio.fail_after(20):
             real_path, real_session = await world.start_agent(real)
-            await world.start_daemon()
+            await world.start_daemon(probe_timeout=CHECK_PATIENCE_S)
             await world.wait_until(chosen(real_path))
             _, loop_path, _ = await start_loop(world)
             await world.wait_until(looped(loop_path))
@@ -100,7 +106,7 @@ class TestLoopGone:
         real = FakeAgent("real")
         with structlog.testing.capture_logs() as logs, trio.fail_after(20):
             real_path, _ = await world.start_agent(real)
-            daemon = await world.start_daemon()
+            daemon = await world.start_daemon(probe_timeout=CHECK_PATIENCE_S)
             await world.wait_until(chosen(real_path))
             loop, loop_path, _ = await start_loop(world)
             await world.wait_until(looped(loop_path))
@@ -157,7 +163,9 @@ class TestRelayAnswersItsOwnChecks:
         foreign = check_frame(b"\x00" * 24)
         registry = Registry()
         registry.reconcile([Candidate("/a/agent", Layout.TMP, 1, 1, 1.0)])
-        registry.record_probe(registry.snapshot().backends[0].id, ProbeResult(Health.HEALTHY))
+        registry.record_probe(
+            registry.snapshot().backends[0].id, ProbeResult(Health.HEALTHY, loop_clear=True)
+        )
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 backends = MemoryBackends(nursery, {"/a/agent": agent})
@@ -195,10 +203,15 @@ class TestRelayAnswersItsOwnChecks:
 
 
 class TestUnprobedAgents:
-    async def _relay_one(self, agent: FakeAgent, request: bytes) -> bytes:
-        """Relay one request to ``agent``, registered but never probed, with a guard."""
+    async def _relay_one(
+        self, agent: FakeAgent, request: bytes, probed: ProbeResult | None = None
+    ) -> bytes:
+        """Relay one request to ``agent``, registered and never probed (or probed with
+        the result ``probed``), with a guard."""
         registry = Registry()
         registry.reconcile([Candidate("/a/new", Layout.TMP, 1, 1, 1.0)])
+        if probed is not None:
+            registry.record_probe(registry.snapshot().backends[0].id, probed)
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 backends = MemoryBackends(nursery, {"/a/new": agent})
@@ -238,3 +251,20 @@ class TestUnprobedAgents:
             answer(agent),
             [MessageType.EXTENSION, MessageType.REQUEST_IDENTITIES],
         )
+
+    async def test_a_probe_that_timed_out_in_its_check_leaves_the_agent_unchecked(
+        self,
+    ) -> None:
+        """An agent whose probe ran out of time before its loop check answered is slow,
+        not cleared: the relay checks it before relaying into it, and a session-bind
+        never goes to it."""
+        timed_out = ProbeResult(Health.SLOW, error="no answer within 2 s")
+        agent = FakeAgent("slow")
+        reply = await self._relay_one(agent, encode(MessageType.REQUEST_IDENTITIES), timed_out)
+        assert (reply, agent.requests) == (
+            answer(agent),
+            [MessageType.EXTENSION, MessageType.REQUEST_IDENTITIES],
+        )
+        bound = FakeAgent("slow")
+        assert await self._relay_one(bound, SESSION_BIND, timed_out) == FAILURE
+        assert bound.connections == 0

@@ -93,6 +93,10 @@ class Backend:
     # Why switcher will not connect to it (a local agent whose path failed
     # a safety check): it stays dead, and is neither probed nor tried.
     refused: str | None = None
+    # Whether a loop check of it has come back clear (it does not lead back
+    # to switcher). Only a completed check says so: a probe that timed out
+    # during its check leaves this as it was, so the relay checks first.
+    loop_clear: bool = False
 
     @property
     def kind(self) -> Kind:
@@ -211,3 +215,6 @@ class ProbeResult:
     latency: float | None = None
     key_count: int | None = None
     error: str | None = None
+    # What the probe's loop check said: True clear, False a loop, None not
+    # known (no check, or the probe ended before it completed).
+    loop_clear: bool | None = None

@@ -86,7 +86,14 @@ async def probe(
         keys = identities_count(frame)
     except FrameError as exc:
         return ProbeResult(Health.DEAD, error=f"bad reply: {exc}")
-    return ProbeResult(Health.HEALTHY, latency=time.perf_counter() - started, key_count=keys)
+    return ProbeResult(
+        Health.HEALTHY,
+        latency=time.perf_counter() - started,
+        key_count=keys,
+        # It answered on a connection that passed the check (or hung up on
+        # the check, which a loop through us never does): it leads elsewhere.
+        loop_clear=True if loops is not None else None,
+    )
 
 
 async def _open_checked(
@@ -114,7 +121,7 @@ async def _open_checked(
         raise
     if looped:
         await stream.aclose()
-        return ProbeResult(Health.LOOP, error=LOOP_REASON)
+        return ProbeResult(Health.LOOP, error=LOOP_REASON, loop_clear=False)
     return stream
 
 

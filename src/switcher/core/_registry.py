@@ -164,6 +164,7 @@ class Registry:
             last_success=now if healthy else backend.last_success,
             last_error=result.error if result.error is not None else backend.last_error,
             key_count=result.key_count if result.key_count is not None else backend.key_count,
+            loop_clear=backend.loop_clear if result.loop_clear is None else result.loop_clear,
         )
         self._replace(new)
         change = _health_change(backend, new, Cause.PROBE)
@@ -217,6 +218,12 @@ class Registry:
             snapshot, backends=tuple(new if b is old else b for b in snapshot.backends)
         )
         return True
+
+    def record_loop_clear(self, backend_id: str) -> None:
+        """A loop check of this backend came back clear (the relay checked it itself)."""
+        backend = self.get(backend_id)
+        if backend is not None and not backend.loop_clear:
+            self._replace(attrs.evolve(backend, loop_clear=True))
 
     def record_failure(self, backend_id: str, error: str) -> HealthChange | None:
         """The proxy could not use this backend: rank it last until a probe says otherwise."""

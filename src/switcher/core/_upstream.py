@@ -94,15 +94,16 @@ async def _vetted(
 ) -> Backend | None:
     """``backend`` as it stands once any loop check of it is done; None to skip it.
 
-    Only an agent nobody has probed can be a loop we do not know of (a
-    probed one was checked). A session-bind never goes to one: it comes from
+    Only an agent whose loop check never came back clear can be a loop we
+    do not know of: one nobody has probed yet, or one whose probes ran out
+    of time before their check answered. A session-bind never goes to one: it comes from
     an ``ssh`` that waits for the answer before it serves any channel, and if
     this agent is that ssh's own forwarded socket, checking it (or waiting
     for a check of it) would wait on itself. That is the one request a loop
     makes wait like that; every other request may wait for the verdict,
     which the chain delivers once its binds are answered.
     """
-    if loops is None or backend.health is not Health.UNKNOWN:
+    if loops is None or backend.loop_clear:
         return backend
     if binding:
         return None
@@ -116,12 +117,13 @@ async def _vetted(
 async def _leads_elsewhere(
     loops: LoopGuard | None, registry: Registry, backend: Backend, upstream: RelayStream
 ) -> bool:
-    """Check a fresh connection to an agent nobody has probed before relaying into it.
+    """Check a fresh connection to an agent not yet known to be clear, before relaying.
 
-    A probed agent had its loop checked by that probe: a slow one is not
-    re-checked here (its check would wait as long as its requests do).
+    An agent whose last completed check came back clear is not checked again
+    here; one whose probes timed out before their check answered is (its
+    check waits no longer than its requests would).
     """
-    if loops is None or backend.health is not Health.UNKNOWN:
+    if loops is None or backend.loop_clear:
         return True
     try:
         looped = await loops.check(upstream, backend.path)
@@ -132,6 +134,7 @@ async def _leads_elsewhere(
             await upstream.aclose()
         raise
     if looped is False:
+        registry.record_loop_clear(backend.id)
         return True
     with trio.CancelScope(shield=True):
         await upstream.aclose()
