@@ -31,7 +31,7 @@ import weakref
 import attrs
 import trio
 
-from switcher.core._proctree import MAX_DEPTH, Chain, Process, ProcessTable, Stop
+from switcher.core._proctree import Chain, Process, ProcessTable, Stop
 
 # Processes remembered at most, each holding one descriptor: a user's shells,
 # tmux servers and login sessions are a few dozen. When full, entries whose
@@ -128,29 +128,21 @@ class KnownProcesses:
 
     def chain_within(self, pid: int, reads: int | None) -> Chain | None:
         """``chain``, or None once it would read more than ``reads`` processes."""
-        first = self.table.read(pid)
-        if first is None:
-            return Chain((), Stop.NOT_OURS if self.table.exists(pid) else Stop.GONE)
-        done = 1
-        processes = [first]
-        while True:
-            child = processes[-1]
-            if child.ppid <= 1:
-                return Chain(tuple(processes), Stop.INIT)
-            if len(processes) >= MAX_DEPTH:
-                return Chain(tuple(processes), Stop.DEPTH)
-            found = self._lookup(child.ppid)
+        done = 1  # the client itself, which the walk reads afresh
+
+        def parent(ppid: int) -> Process | Stop | None:
+            nonlocal done
+            found = self._lookup(ppid)
             if found is _UNKNOWN:
                 if reads is not None and done >= reads:
                     return None
                 done += 1
-                found = self._read(child.ppid)
-                if found is _UNKNOWN:  # as the table's own walk says
-                    stop = Stop.NOT_OURS if self.table.exists(child.ppid) else Stop.GONE
-                    return Chain(tuple(processes), stop)
+                found = self._read(ppid)
+                if found is _UNKNOWN:
+                    return self.table.absent(ppid)
             if found is None:
-                return Chain(tuple(processes), Stop.NOT_OURS)
+                return Stop.NOT_OURS
             assert isinstance(found, Process)
-            if found.start > child.start:
-                return Chain(tuple(processes), Stop.REUSED)
-            processes.append(found)
+            return found
+
+        return self.table.walk(pid, parent)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+from collections.abc import Callable
 
 import attrs
 
@@ -213,9 +214,23 @@ class ProcessTable:
 
     def chain(self, pid: int) -> Chain:
         """``pid`` and its ancestors, as far as they are ours; empty if ``pid`` is not."""
+        chain = self.walk(pid, self._parent)
+        assert chain is not None  # this parent lookup never gives up
+        return chain
+
+    def _parent(self, pid: int) -> Process | Stop:
+        process = self.read(pid)
+        return self.absent(pid) if process is None else process
+
+    def walk(self, pid: int, parent: Callable[[int], Process | Stop | None]) -> Chain | None:
+        """``pid`` read afresh, then its ancestors as ``parent`` finds them.
+
+        ``parent`` gives the process with that pid, or why the walk stops
+        there, or None to give up the walk (its caller's budget ran out).
+        """
         first = self.read(pid)
         if first is None:
-            return Chain((), Stop.NOT_OURS if self.exists(pid) else Stop.GONE)
+            return Chain((), self.absent(pid))
         processes = [first]
         while True:
             child = processes[-1]
@@ -223,13 +238,18 @@ class ProcessTable:
                 return Chain(tuple(processes), Stop.INIT)
             if len(processes) >= MAX_DEPTH:
                 return Chain(tuple(processes), Stop.DEPTH)
-            parent = self.read(child.ppid)
-            if parent is None:
-                stop = Stop.NOT_OURS if self.exists(child.ppid) else Stop.GONE
-                return Chain(tuple(processes), stop)
-            if parent.start > child.start:
+            found = parent(child.ppid)
+            if found is None:
+                return None
+            if isinstance(found, Stop):
+                return Chain(tuple(processes), found)
+            if found.start > child.start:
                 return Chain(tuple(processes), Stop.REUSED)
-            processes.append(parent)
+            processes.append(found)
+
+    def absent(self, pid: int) -> Stop:
+        """Why ``pid`` could not be read: another user's (or unreadable), or gone."""
+        return Stop.NOT_OURS if self.exists(pid) else Stop.GONE
 
     def exists(self, pid: int) -> bool:
         return pid > 0 and os.path.exists(f"{self.root}/{pid}")
